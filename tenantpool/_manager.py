@@ -1,0 +1,269 @@
+"""``TenantPoolManager``: tenants to targets to lazily created pools, and the scopes over them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from ._errors import ManagerClosed, NoCurrentConnection
+from ._pool import Pool, PoolStats
+from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
+from ._settings import PoolSettings, Target, redact_dsn
+from ._tenant import Resolver, TenantResolver, validate_tenant_id
+
+__all__ = ["ManagerStats", "TenantPoolManager"]
+
+InitCallback = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStats:
+    """A snapshot of every pool's connections and requests; no passwords in it."""
+
+    total: int
+    in_use: int
+    idle: int
+    waiting: int
+    max_total: int | None
+    pools: Mapping[str, PoolStats]
+
+
+class TenantPoolManager:
+    """Checks out tenants' connections from per-target pools created on first use."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        max_total_connections: int | None = None,
+        pool: PoolSettings | None = None,
+        default_tenant: str | None = None,
+        reap_interval: float = 1.0,
+        close_timeout: float = 10.0,
+        connect_kwargs: Mapping[str, Any] | None = None,
+        init: InitCallback | None = None,
+    ) -> None:
+        if max_total_connections is not None and max_total_connections < 1:
+            raise ValueError("max_total_connections must be >= 1 or None")
+        if not reap_interval > 0:
+            raise ValueError("reap_interval must be > 0")
+        if not close_timeout >= 0:
+            raise ValueError("close_timeout must be >= 0")
+        if default_tenant is not None:
+            validate_tenant_id(default_tenant)
+        self._resolver = TenantResolver(resolver)
+        self.max_total_connections = max_total_connections
+        self.pool_settings = pool if pool is not None else PoolSettings()
+        self.default_tenant = default_tenant
+        self.reap_interval = reap_interval
+        self.close_timeout = close_timeout
+        self._connect_kwargs = dict(connect_kwargs or {})
+        self._init = init
+        self._pools: dict[str, Pool] = {}
+        self._pool_names: set[str] = set()
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Make the manager ready for checkouts."""
+        if self._closed:
+            raise ManagerClosed("a closed manager cannot be started again")
+        self._started = True
+
+    async def close(self) -> None:
+        """Close every pool; checkouts raise ``ManagerClosed`` from now on.
+
+        Connections still checked out get ``close_timeout`` seconds to come back, then are
+        terminated, so ``close()`` never hangs on a scope that does not end.
+        """
+        self._closed = True
+        pools = list(self._pools.values())
+        await asyncio.gather(*(pool.close(self.close_timeout) for pool in pools))
+
+    async def __aenter__(self) -> TenantPoolManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosed("the manager is closed")
+        if not self._started:
+            raise ManagerClosed(
+                "the manager is not started: use 'async with manager' or 'await manager.start()'"
+            )
+
+    # -- scopes ------------------------------------------------------------------------------
+
+    def with_connection(self, tenant: str) -> _ScopeContext:
+        """A scope holding ``tenant``'s connection: ``async with manager.with_connection(t)``."""
+        return _ScopeContext(self, tenant)
+
+    def connection(self) -> _ScopeContext:
+        """The current scope's connection, else a new scope on ``default_tenant``."""
+        return _ScopeContext(self, None)
+
+    def current_connection(self) -> TenantConnection:
+        """The connection of the innermost scope this task opened; else ``NoCurrentConnection``."""
+        scope = current_scope(self)
+        if scope is None:
+            raise NoCurrentConnection("no tenant connection scope is open in this task")
+        return scope.proxy
+
+    def current_tenant(self) -> str | None:
+        """The tenant of the innermost scope this task opened, or ``None``."""
+        scope = current_scope(self)
+        return None if scope is None else scope.tenant
+
+    async def resolve(self, tenant: str) -> Target:
+        """Validate ``tenant`` and return its ``Target`` (``InvalidTenant``, ``UnknownTenant``)."""
+        return await self._resolver.resolve(validate_tenant_id(tenant))
+
+    def _pool_for(self, target: Target) -> Pool:
+        # Created without an await between lookup and insert, so concurrent first checkouts
+        # of one target always share one pool.
+        pool = self._pools.get(target.dsn)
+        if pool is None:
+            pool = Pool(
+                self._unique_name(redact_dsn(target.dsn)),
+                target.pool or self.pool_settings,
+                self._connector(target.dsn),
+                secrets=_secrets_of(target.dsn),
+            )
+            self._pools[target.dsn] = pool
+        return pool
+
+    def _unique_name(self, name: str) -> str:
+        # Two DSNs can differ only by password; their redacted names must not collide.
+        unique, n = name, 1
+        while unique in self._pool_names:
+            n += 1
+            unique = f"{name}#{n}"
+        self._pool_names.add(unique)
+        return unique
+
+    def _connector(self, dsn: str) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        async def connect() -> asyncpg.Connection:
+            settings = self._pools[dsn].settings
+            raw: asyncpg.Connection = await asyncpg.connect(
+                dsn, timeout=settings.connect_timeout, **self._connect_kwargs
+            )
+            if self._init is not None:
+                try:
+                    await self._init(raw)
+                except BaseException:
+                    raw.terminate()
+                    raise
+            return raw
+
+        return connect
+
+    # -- observability -----------------------------------------------------------------------
+
+    def stats(self) -> ManagerStats:
+        """Counts over every pool: total, in use, idle, waiting, and per pool by name."""
+        per_pool = {pool.name: pool.stats() for pool in self._pools.values()}
+        return ManagerStats(
+            total=sum(s.size for s in per_pool.values()),
+            in_use=sum(s.in_use for s in per_pool.values()),
+            idle=sum(s.idle for s in per_pool.values()),
+            waiting=sum(s.waiting for s in per_pool.values()),
+            max_total=self.max_total_connections,
+            pools=MappingProxyType(per_pool),
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if self._closed else "open" if self._started else "not started"
+        cap = "none" if s.max_total is None else str(s.max_total)
+        return (
+            f"<TenantPoolManager {state} | Requests: {s.in_use} active, {s.waiting} queued"
+            f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {len(s.pools)} pools>"
+        )
+
+
+def _secrets_of(dsn: str) -> tuple[str, ...]:
+    """The password of a DSN in the forms it may appear in, to scrub it from messages."""
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        password = None
+    if not password:
+        return ()
+    return tuple({password, unquote(password)})
+
+
+class _ScopeContext:
+    """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
+
+    __slots__ = ("_manager", "_scope", "_tenant", "_token")
+
+    def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
+        self._manager = manager
+        self._tenant = tenant
+        self._scope: Scope | None = None
+        self._token: Any = None
+
+    async def __aenter__(self) -> TenantConnection:
+        if self._scope is not None:
+            raise RuntimeError("this scope context is already in use; call with_connection again")
+        manager = self._manager
+        tenant = self._tenant
+        if tenant is None:  # manager.connection()
+            scope = current_scope(manager)
+            if scope is not None:
+                return scope.proxy
+            if manager.default_tenant is None:
+                raise NoCurrentConnection(
+                    "no tenant connection scope is open in this task and no default_tenant is set"
+                )
+            tenant = manager.default_tenant
+        else:
+            validate_tenant_id(tenant)
+            # The same tenant nested in this task reuses the outer connection: no second
+            # checkout, so no deadlock at max_size=1.
+            scope = find_scope(manager, tenant)
+            if scope is not None:
+                return scope.proxy
+        manager._check_open()
+        target = await manager._resolver.resolve(tenant)
+        pool = manager._pool_for(target)
+        conn = await pool.acquire(target.session_state)
+        scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
+        self._scope = scope
+        self._token = scopes.set((*scopes.get(), scope))
+        return scope.proxy
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope = self._scope
+        if scope is None:  # a reused outer scope: nothing to give back
+            return
+        self._scope = None
+        # No await from here on: a cancellation cannot cut the release short.
+        try:
+            scopes.reset(self._token)
+        except ValueError:
+            # Exited in another context than entered (some frameworks do): drop just this scope.
+            scopes.set(tuple(s for s in scopes.get() if s is not scope))
+        conn, used = scope.proxy._detach()
+        scope.pool.release(conn, dirty=used)

@@ -1,0 +1,124 @@
+"""The SQL that makes a connection clean and gives it a tenant's session state.
+
+Two paths, each one round trip:
+
+* ``reset`` runs after a scope that used the connection, off the caller's path. It throws away
+  everything user code could have left behind and re-applies the session state the connection
+  carried, so the next checkout of the same tenant needs no round trip at all. It is a
+  simple-query script, which cannot take bind parameters, so values reach it through
+  :func:`quote_literal`; no raw input is ever interpolated.
+* ``apply`` runs at checkout when an idle connection carries another tenant's state (or none):
+  one parametrised ``set_config`` statement that resets the old settings and applies the new.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from ._settings import SessionState
+
+__all__ = ["apply_state", "forget_client_state", "quote_literal", "reset_script", "settle"]
+
+# Order matters: SET SESSION AUTHORIZATION DEFAULT before RESET ROLE and RESET ALL, because
+# ``role`` and ``session_authorization`` are exempt from RESET ALL. DISCARD TEMP / SEQUENCES
+# instead of DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements, and it
+# cannot run in the implicit transaction of a multi-statement query. SQL-level PREPAREs are
+# deallocated one by one for the same reason.
+_CLEAN = (
+    "CLOSE ALL;"
+    "UNLISTEN *;"
+    "SELECT pg_catalog.pg_advisory_unlock_all();"
+    "SET SESSION AUTHORIZATION DEFAULT;"
+    "RESET ROLE;"
+    "RESET ALL;"
+    "DISCARD TEMP;"
+    "DISCARD SEQUENCES;"
+    "DO $tenantpool$DECLARE s record; BEGIN"
+    " FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP"
+    " EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(s.name); END LOOP; END$tenantpool$;"
+)
+
+_apply_sql_cache: dict[int, str] = {}
+
+
+def quote_literal(value: str) -> str:
+    """Quote ``value`` as a string literal, safe whatever ``standard_conforming_strings`` is."""
+    if "\x00" in value:
+        raise ValueError("PostgreSQL strings cannot contain NUL characters")
+    quoted = value.replace("'", "''")
+    if "\\" in quoted:
+        # E'' reads backslashes as escapes in every server configuration, so double them.
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def _set_config_sql(pairs: SessionState) -> str:
+    calls = ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+        for name, value in pairs
+    )
+    return f"SELECT {calls};"
+
+
+def reset_script(state: SessionState | None, *, in_transaction: bool) -> str:
+    """The script that cleans a connection and, if ``state`` is known, re-applies it."""
+    script = "ROLLBACK;" + _CLEAN if in_transaction else _CLEAN
+    if state:
+        script += _set_config_sql(state)
+    return script
+
+
+def _apply_sql(count: int) -> str:
+    sql = _apply_sql_cache.get(count)
+    if sql is None:
+        calls = ", ".join(
+            f"pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(count)
+        )
+        sql = _apply_sql_cache[count] = f"SELECT {calls}"
+    return sql
+
+
+async def apply_state(
+    raw: asyncpg.Connection, old: SessionState, new: SessionState, *, budget: float
+) -> None:
+    """Move a clean connection from session state ``old`` to ``new`` in one round trip."""
+    new_names = {name for name, _ in new}
+    # set_config(name, NULL, false) is RESET name: it returns to the role's / database's default.
+    args: list[str | None] = []
+    for name, _ in old:
+        if name not in new_names:
+            args += (name, None)
+    for name, value in new:
+        args += (name, value)
+    if args:
+        await raw.execute(_apply_sql(len(args) // 2), *args, timeout=budget)
+
+
+def forget_client_state(raw: asyncpg.Connection) -> None:
+    """Drop what a scope left in asyncpg's client-side connection state.
+
+    asyncpg keeps listeners, query loggers and the open transaction on the Python object, and
+    offers no public call to clear them without a round trip; its own pool clears the same
+    attributes. Bumping ``_pool_release_ctr`` makes every prepared statement, cursor and
+    transaction object created during the scope refuse further use.
+    """
+    con: Any = raw
+    con._listeners.clear()
+    con._log_listeners.clear()
+    con._termination_listeners.clear()
+    con._query_loggers.clear()
+    con._top_xact = None
+    con._pool_release_ctr += 1
+
+
+async def settle(raw: asyncpg.Connection, *, budget: float) -> None:
+    """Wait until a query cancelled mid-flight has been acknowledged by the server.
+
+    Until then the transaction status asyncpg reports is stale. asyncpg's protocol does this
+    wait before any new query too, but we must know the status before building the script.
+    """
+    protocol: Any = getattr(raw, "_protocol", None)
+    if protocol is not None and protocol._is_cancelling():
+        await protocol._wait_for_cancellation(budget)
