@@ -204,7 +204,7 @@ class Pool:
     def _may_open(self, queued: int) -> bool:
         # A connection being reset is ready sooner than a new one: wait for it instead, unless
         # the requests already queued will take every one of those.
-        return self.size < self.settings.max_size and self._releasing <= queued
+        return self.size < self.settings.max_size
 
     async def _open_for_caller(self, deadline: float) -> PooledConnection:
         task = asyncio.get_running_loop().create_task(self._open())
@@ -307,8 +307,16 @@ class Pool:
         ok = False
         try:
             await _session.settle(raw, budget=timeout)
-            script = _session.reset_script(conn.applied, in_transaction=raw.is_in_transaction())
-            await raw.execute(script, timeout=timeout)
+            for deallocate in (False, True):
+                script = _session.reset_script(
+                    conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
+                )
+                try:
+                    await raw.execute(script, timeout=timeout)
+                    break
+                except _session.PreparedStatementsLeft:
+                    if deallocate:
+                        raise
             if conn.applied is None:
                 conn.applied = ()
             ok = True

@@ -19,13 +19,19 @@ import asyncpg
 
 from ._settings import SessionState
 
-__all__ = ["apply_state", "forget_client_state", "quote_literal", "reset_script", "settle"]
+__all__ = [
+    "PreparedStatementsLeft",
+    "apply_state",
+    "forget_client_state",
+    "quote_literal",
+    "reset_script",
+    "settle",
+]
 
 # Order matters: SET SESSION AUTHORIZATION DEFAULT before RESET ROLE and RESET ALL, because
 # ``role`` and ``session_authorization`` are exempt from RESET ALL. DISCARD TEMP / SEQUENCES
 # instead of DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements, and it
-# cannot run in the implicit transaction of a multi-statement query. SQL-level PREPAREs are
-# deallocated one by one for the same reason.
+# cannot run in the implicit transaction of a multi-statement query.
 _CLEAN = (
     "CLOSE ALL;"
     "UNLISTEN *;"
@@ -35,10 +41,19 @@ _CLEAN = (
     "RESET ALL;"
     "DISCARD TEMP;"
     "DISCARD SEQUENCES;"
+)
+# Statements user code PREPAREd in SQL must go, asyncpg's own must stay. Deallocating them
+# takes a DO block (~80 us of server time), so the usual script only checks: the guard divides
+# by zero, failing the whole script, exactly when such a statement exists.
+_PREPARED_GUARD = (
+    "SELECT 1 / (NOT from_sql)::int FROM pg_catalog.pg_prepared_statements WHERE from_sql;"
+)
+_DEALLOCATE_SQL_PREPARED = (
     "DO $tenantpool$DECLARE s record; BEGIN"
     " FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP"
     " EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(s.name); END LOOP; END$tenantpool$;"
 )
+PreparedStatementsLeft = asyncpg.DivisionByZeroError
 
 _apply_sql_cache: dict[int, str] = {}
 
@@ -62,9 +77,14 @@ def _set_config_sql(pairs: SessionState) -> str:
     return f"SELECT {calls};"
 
 
-def reset_script(state: SessionState | None, *, in_transaction: bool) -> str:
-    """The script that cleans a connection and, if ``state`` is known, re-applies it."""
-    script = "ROLLBACK;" + _CLEAN if in_transaction else _CLEAN
+def reset_script(state: SessionState | None, *, in_transaction: bool, deallocate: bool) -> str:
+    """The script that cleans a connection and, if ``state`` is known, re-applies it.
+
+    Without ``deallocate`` it raises ``PreparedStatementsLeft`` if user code left SQL-level
+    prepared statements; run it again with ``deallocate=True`` then.
+    """
+    script = "ROLLBACK;" if in_transaction else ""
+    script += (_DEALLOCATE_SQL_PREPARED if deallocate else _PREPARED_GUARD) + _CLEAN
     if state:
         script += _set_config_sql(state)
     return script
