@@ -1,0 +1,41 @@
+"""Shared fixtures: a real throwaway PostgreSQL cluster for the whole session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from _postgres import PostgresCluster, unique_name
+
+__all__ = ["PostgresCluster", "unique_name"]
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    """The session's PostgreSQL cluster (or the TENANTPOOL_TEST_DSN server)."""
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def restartable_pg(pg: PostgresCluster) -> Iterator[PostgresCluster]:
+    """The session cluster, for tests that stop/start it; skipped on an external server.
+
+    After the test the server is brought back up if the test left it stopped.
+    """
+    if not pg.can_restart:
+        pytest.skip("needs a restartable server; TENANTPOOL_TEST_DSN points at an external one")
+    try:
+        yield pg
+    finally:
+        if not pg.is_running():
+            pg.start_again()
