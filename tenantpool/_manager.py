@@ -211,12 +211,13 @@ def _secrets_of(dsn: str) -> tuple[str, ...]:
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_manager", "_scope", "_tenant", "_token")
+    __slots__ = ("_manager", "_owned", "_scope", "_tenant", "_token")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
         self._tenant = tenant
         self._scope: Scope | None = None
+        self._owned = False
         self._token: Any = None
 
     async def __aenter__(self) -> TenantConnection:
@@ -226,25 +227,28 @@ class _ScopeContext:
         tenant = self._tenant
         if tenant is None:  # manager.connection()
             scope = current_scope(manager)
-            if scope is not None:
-                return scope.proxy
-            if manager.default_tenant is None:
-                raise NoCurrentConnection(
-                    "no tenant connection scope is open in this task and no default_tenant is set"
-                )
-            tenant = manager.default_tenant
+            if scope is None:
+                if manager.default_tenant is None:
+                    raise NoCurrentConnection(
+                        "no tenant connection scope is open in this task"
+                        " and no default_tenant is set"
+                    )
+                tenant = manager.default_tenant
+                scope = find_scope(manager, tenant)
         else:
             validate_tenant_id(tenant)
             # The same tenant nested in this task reuses the outer connection: no second
             # checkout, so no deadlock at max_size=1.
             scope = find_scope(manager, tenant)
-            if scope is not None:
-                return scope.proxy
-        manager._check_open()
-        target = await manager._resolver.resolve(tenant)
-        pool = manager._pool_for(target)
-        conn = await pool.acquire(target.session_state)
-        scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
+        if scope is None:
+            assert tenant is not None  # set whenever no scope was found
+            manager._check_open()
+            target = await manager._resolver.resolve(tenant)
+            pool = manager._pool_for(target)
+            conn = await pool.acquire(target.session_state)
+            scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
+            self._owned = True
+        # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
         self._token = scopes.set((*scopes.get(), scope))
         return scope.proxy
@@ -256,14 +260,17 @@ class _ScopeContext:
         tb: TracebackType | None,
     ) -> None:
         scope = self._scope
-        if scope is None:  # a reused outer scope: nothing to give back
-            return
+        assert scope is not None, "__aexit__ without __aenter__"
         self._scope = None
         # No await from here on: a cancellation cannot cut the release short.
         try:
             scopes.reset(self._token)
         except ValueError:
-            # Exited in another context than entered (some frameworks do): drop just this scope.
-            scopes.set(tuple(s for s in scopes.get() if s is not scope))
-        conn, used = scope.proxy._detach()
-        scope.pool.release(conn, dirty=used)
+            # Exited in another context than entered (some frameworks do): drop just this entry.
+            stack = scopes.get()
+            index = max(i for i, s in enumerate(stack) if s is scope)
+            scopes.set(stack[:index] + stack[index + 1 :])
+        if self._owned:
+            self._owned = False
+            conn, used = scope.proxy._detach()
+            scope.pool.release(conn, dirty=used)

@@ -211,11 +211,14 @@ class Pool:
         self._track(task)
         try:
             async with asyncio.timeout_at(deadline):
-                # Shielded: a caller that gives up leaves the connect running; the pool keeps
-                # what it opens instead of leaking a half-open connection.
-                return await asyncio.shield(task)
+                # Shielded: a caller that gives up leaves the connect running, and the pool
+                # keeps what it opens instead of leaking a half-open connection.
+                conn = await asyncio.shield(task)
         except BaseException as exc:
-            task.add_done_callback(self._adopt)
+            if task.done():
+                self._adopt(task)
+            else:
+                task.add_done_callback(self._adopt)
             if isinstance(exc, TimeoutError):
                 raise PoolTimeout(
                     f"couldn't get a connection from {self.name} after"
@@ -223,12 +226,19 @@ class Pool:
                     retry_after=_RETRY_AFTER,
                 ) from None
             raise
+        self._opening -= 1
+        self._in_use.add(conn)
+        return conn
 
     def _adopt(self, task: asyncio.Task[PooledConnection]) -> None:
+        """Keep a connection whose opener gave up waiting for it."""
         if not task.cancelled() and task.exception() is None:
-            self.release(task.result(), dirty=False)
+            self._opening -= 1
+            self._make_idle(task.result())
+            self._dispatch()
 
     async def _open(self) -> PooledConnection:
+        """Open a connection; it stays counted in ``_opening`` until its opener claims it."""
         try:
             raw = await self._connect()
         except BaseException as exc:
@@ -243,13 +253,11 @@ class Pool:
                     retry_after=_RETRY_AFTER,
                 ) from exc
             raise
-        self._opening -= 1
-        conn = PooledConnection(raw, self.settings)
-        self._in_use.add(conn)
         if self._closed:
-            self.release(conn, dirty=False)
+            self._opening -= 1
+            raw.terminate()
             raise ManagerClosed("the manager is closed")
-        return conn
+        return PooledConnection(raw, self.settings)
 
     def _take_idle(self, state: SessionState | None) -> PooledConnection | None:
         """Pop an idle connection, one already carrying ``state`` first, most recent first."""
