@@ -65,7 +65,7 @@ class TenantPoolManager:
         self.close_timeout = close_timeout
         self._connect_kwargs = dict(connect_kwargs or {})
         self._init = init
-        self._pools: dict[str, Pool] = {}
+        self._pools: dict[bytes, Pool] = {}
         self._pool_names: set[str] = set()
         self._started = False
         self._closed = False
@@ -137,15 +137,15 @@ class TenantPoolManager:
     def _pool_for(self, target: Target) -> Pool:
         # Created without an await between lookup and insert, so concurrent first checkouts
         # of one target always share one pool.
-        pool = self._pools.get(target.dsn)
+        pool = self._pools.get(target.pool_key)
         if pool is None:
             pool = Pool(
                 self._unique_name(redact_dsn(target.dsn)),
                 target.pool or self.pool_settings,
-                self._connector(target.dsn),
+                self._connector(target.dsn, target.pool or self.pool_settings),
                 secrets=_secrets_of(target.dsn),
             )
-            self._pools[target.dsn] = pool
+            self._pools[target.pool_key] = pool
         return pool
 
     def _unique_name(self, name: str) -> str:
@@ -157,9 +157,10 @@ class TenantPoolManager:
         self._pool_names.add(unique)
         return unique
 
-    def _connector(self, dsn: str) -> Callable[[], Awaitable[asyncpg.Connection]]:
+    def _connector(
+        self, dsn: str, settings: PoolSettings
+    ) -> Callable[[], Awaitable[asyncpg.Connection]]:
         async def connect() -> asyncpg.Connection:
-            settings = self._pools[dsn].settings
             raw: asyncpg.Connection = await asyncpg.connect(
                 dsn, timeout=settings.connect_timeout, **self._connect_kwargs
             )

@@ -27,6 +27,18 @@ __all__ = ["Scope", "TenantConnection", "current_scope", "find_scope", "scopes"]
 # Calls that change client-side state we cannot cheaply undo: the connection is closed at
 # release instead of being handed to another scope.
 _POISONING = frozenset({"set_type_codec", "reset_type_codec", "set_builtin_type_codec"})
+# Calls that only read client-side state: they cannot dirty the session, so they do not make
+# the release pay for a reset.
+_INERT = frozenset(
+    {
+        "get_reset_query",
+        "get_server_pid",
+        "get_server_version",
+        "get_settings",
+        "is_closed",
+        "is_in_transaction",
+    }
+)
 
 
 if TYPE_CHECKING:
@@ -51,13 +63,14 @@ class TenantConnection(_ProxyBase):
         self._tenant = tenant
         self._touched = False
 
-    def _live(self) -> asyncpg.Connection:
+    def _live(self, touch: bool = True) -> asyncpg.Connection:
         raw = self._raw
         if raw is None:
             raise ConnectionReleased(
                 f"this connection of tenant {self._tenant!r} was used after its scope ended"
             )
-        self._touched = True
+        if touch:
+            self._touched = True
         return raw
 
     def _detach(self) -> tuple[PooledConnection, bool]:
@@ -88,9 +101,10 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
 
         wrapper: Callable[..., Any] = async_method
     else:
+        touches = name not in _INERT
 
         def method(self: TenantConnection, *args: Any, **kwargs: Any) -> Any:
-            return getattr(self._live(), name)(*args, **kwargs)
+            return getattr(self._live(touches), name)(*args, **kwargs)
 
         wrapper = method
     wrapper.__name__ = wrapper.__qualname__ = name

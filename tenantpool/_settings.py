@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class Target:
     settings: Mapping[str, str] = field(default_factory=dict)
     pool: PoolSettings | None = None
     session_state: SessionState = field(init=False, repr=False, compare=False)
+    # Identifies the pool: the DSN with its credentials, digested so that no dict key, debugger
+    # or locals-printing traceback shows a password.
+    pool_key: bytes = field(init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class Target:
         if role is not None:
             state.append(("role", role))
         object.__setattr__(self, "session_state", tuple(state))
+        object.__setattr__(self, "pool_key", hashlib.blake2b(dsn.encode(), digest_size=20).digest())
 
     def __repr__(self) -> str:
         parts = [repr(redact_dsn(self.dsn))]
