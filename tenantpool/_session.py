@@ -104,11 +104,13 @@ async def apply_state(
     raw: asyncpg.Connection, old: SessionState, new: SessionState, *, budget: float
 ) -> None:
     """Move a clean connection from session state ``old`` to ``new`` in one round trip."""
+    # set_config(name, NULL, false) is RESET name: back to the role's / database's default.
+    # The select list runs left to right: the old role goes first, so that the new settings are
+    # applied as the login user (as on a fresh connection) and the new role comes last.
     new_names = {name for name, _ in new}
-    # set_config(name, NULL, false) is RESET name: it returns to the role's / database's default.
     args: list[str | None] = []
-    for name, _ in old:
-        if name not in new_names:
+    for name, _ in sorted(old, key=lambda pair: pair[0] != "role"):
+        if name == "role" or name not in new_names:
             args += (name, None)
     for name, value in new:
         args += (name, value)
