@@ -51,6 +51,10 @@ class TenantPoolManager:
     ) -> None:
         if max_total_connections is not None and max_total_connections < 1:
             raise ValueError("max_total_connections must be >= 1 or None")
+        if max_total_connections is not None:
+            # A cap that is accepted but not enforced would be worse than none: refuse it
+            # until the pools honour it (the decisions already live in _capacity.py).
+            raise NotImplementedError("max_total_connections is not enforced yet")
         if not reap_interval > 0:
             raise ValueError("reap_interval must be > 0")
         if not close_timeout >= 0:

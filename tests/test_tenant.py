@@ -122,3 +122,10 @@ async def test_checkout_before_start_and_after_close_raise_manager_closed() -> N
 def test_default_tenant_is_validated() -> None:
     with pytest.raises(InvalidTenant):
         TenantPoolManager({}, default_tenant="bad id")
+
+
+def test_a_cap_that_is_not_enforced_yet_is_refused_not_ignored() -> None:
+    with pytest.raises(NotImplementedError, match="not enforced yet"):
+        TenantPoolManager({}, max_total_connections=20)
+    with pytest.raises(ValueError):
+        TenantPoolManager({}, max_total_connections=0)
