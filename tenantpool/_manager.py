@@ -143,10 +143,11 @@ class TenantPoolManager:
         # of one target always share one pool.
         pool = self._pools.get(target.pool_key)
         if pool is None:
+            settings = target.pool or self.pool_settings
             pool = Pool(
                 self._unique_name(redact_dsn(target.dsn)),
-                target.pool or self.pool_settings,
-                self._connector(target.dsn, target.pool or self.pool_settings),
+                settings,
+                self._connector(target.dsn, settings),
                 secrets=_secrets_of(target.dsn),
             )
             self._pools[target.pool_key] = pool

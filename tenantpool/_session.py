@@ -13,6 +13,7 @@ Two paths, each one round trip:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import asyncpg
@@ -55,8 +56,6 @@ _DEALLOCATE_SQL_PREPARED = (
 )
 PreparedStatementsLeft = asyncpg.DivisionByZeroError
 
-_apply_sql_cache: dict[int, str] = {}
-
 
 def quote_literal(value: str) -> str:
     """Quote ``value`` as a string literal, safe whatever ``standard_conforming_strings`` is."""
@@ -69,6 +68,9 @@ def quote_literal(value: str) -> str:
     return "'" + quoted + "'"
 
 
+# Cached: every dirty release of a tenant's connection needs the same text. Bounded, because
+# a service may see far more tenants over time than it serves at once.
+@functools.lru_cache(maxsize=4096)
 def _set_config_sql(pairs: SessionState) -> str:
     calls = ", ".join(
         f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
@@ -90,14 +92,12 @@ def reset_script(state: SessionState | None, *, in_transaction: bool, deallocate
     return script
 
 
+@functools.cache  # keyed by the number of settings: a handful of entries
 def _apply_sql(count: int) -> str:
-    sql = _apply_sql_cache.get(count)
-    if sql is None:
-        calls = ", ".join(
-            f"pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(count)
-        )
-        sql = _apply_sql_cache[count] = f"SELECT {calls}"
-    return sql
+    calls = ", ".join(
+        f"pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(count)
+    )
+    return f"SELECT {calls}"
 
 
 async def apply_state(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import anyio
 import asyncpg
 import pytest
 from _postgres import PostgresCluster, quote_ident, quote_literal, unique_name
+from _support import drained
 
 from tenantpool import (
     PoolSettings,
@@ -63,14 +63,6 @@ def shared_pool_manager(resolver: Any, *, max_size: int = 1) -> TenantPoolManage
     return TenantPoolManager(resolver, pool=PoolSettings(max_size=max_size, acquire_timeout=10.0))
 
 
-async def wait_released(manager: TenantPoolManager, limit: float = 2.0) -> None:
-    """Wait (bounded) until no connection of any pool is still being reset."""
-    deadline = time.monotonic() + limit
-    while any(p.releasing for p in manager.stats().pools.values()):
-        assert time.monotonic() < deadline, f"resets still running after {limit}s"
-        await anyio.sleep(0.005)
-
-
 async def leftovers(conn: Any) -> dict[str, object]:
     row = await conn.fetchrow(LEFTOVERS_SQL)
     return dict(row)
@@ -99,11 +91,9 @@ async def fresh_baseline(dsn: str) -> tuple[dict[str, object], dict[str, str]]:
         await conn.close()
 
 
-async def drop_roles(admin: asyncpg.Connection, *roles: str) -> None:
+async def drop_roles(pg: PostgresCluster, *roles: str) -> None:
     for role in roles:
-        if await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-            await admin.execute(f"DROP OWNED BY {quote_ident(role)} CASCADE")
-            await admin.execute(f"DROP ROLE {quote_ident(role)}")
+        await pg.drop_role(role)
 
 
 def only_pool(manager: TenantPoolManager) -> Any:
@@ -260,7 +250,7 @@ async def test_nothing_a_dirty_scope_leaves_survives_into_the_next_checkout_of_t
             f"DROP TABLE IF EXISTS public.{quote_ident(probe)};"
             f"DROP SEQUENCE IF EXISTS public.{quote_ident(seq)};"
         )
-        await drop_roles(admin, auth_user, role)
+        await drop_roles(pg, auth_user, role)
 
 
 async def test_kept_connection_object_refuses_use_while_another_tenant_holds_the_backend(
@@ -348,7 +338,7 @@ async def test_session_lock_and_open_transaction_are_released_as_soon_as_the_sco
                 assert conn.is_in_transaction()
                 assert await outsider.fetchval(STATE_OF_PID_SQL, pid) == expected_state
 
-            await wait_released(manager)
+            await drained(manager, limit=2.0)
             pool = only_pool(manager)
             assert (pool.in_use, pool.idle) == (0, 1)  # kept, not closed, and not checked out
             assert await outsider.fetchval(STATE_OF_PID_SQL, pid) == "idle"
@@ -379,7 +369,7 @@ async def test_database_per_tenant_gets_its_own_pool_and_database(
 ) -> None:
     databases = {t: unique_name(f"iso_db_{t}") for t in ("acme", "globex")}
     for db in databases.values():
-        await admin.execute(f"CREATE DATABASE {quote_ident(db)}")
+        await pg.create_database(db)
     try:
         for tenant, db in databases.items():
             setup = await pg.connect(db)
@@ -406,7 +396,7 @@ async def test_database_per_tenant_gets_its_own_pool_and_database(
             assert not any(pg.superuser_password in name for name in pools)
     finally:
         for db in databases.values():
-            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
+            await pg.drop_database(db)
 
 
 async def test_credentials_per_tenant_get_own_pools_and_bad_password_is_not_leaked(
@@ -444,7 +434,7 @@ async def test_credentials_per_tenant_get_own_pools_and_bad_password_is_not_leak
             for secret in (*passwords.values(), wrong_password):
                 assert not any(secret in name for name in pools)
     finally:
-        await drop_roles(admin, *users.values())
+        await drop_roles(pg, *users.values())
 
 
 async def test_schema_per_tenant_resolves_unqualified_names_to_the_tenants_own_table(
@@ -471,7 +461,7 @@ async def test_schema_per_tenant_resolves_unqualified_names_to_the_tenants_own_t
             assert len(manager.stats().pools) == 1
     finally:
         for schema in schemas.values():
-            await admin.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+            await pg.drop_schema(schema)
 
 
 async def test_rls_shared_database_shows_each_tenant_only_its_own_rows(
@@ -512,7 +502,7 @@ async def test_rls_shared_database_shows_each_tenant_only_its_own_rows(
                         await conn.execute(f"INSERT INTO {table} VALUES ('someone-else', 'x')")
             assert len(manager.stats().pools) == 1
     finally:
-        await drop_roles(admin, owner)
+        await drop_roles(pg, owner)
 
 
 async def test_set_role_model_runs_as_the_tenant_role_with_the_login_user_as_session_user(
@@ -541,7 +531,7 @@ async def test_set_role_model_runs_as_the_tenant_role_with_the_login_user_as_ses
                     assert await conn.fetchval("SELECT session_user") == login
             assert len(manager.stats().pools) == 1
     finally:
-        await drop_roles(admin, *roles.values(), login)
+        await drop_roles(pg, *roles.values(), login)
 
 
 # --------------------------------------------------------------------------- 4. injection
@@ -642,15 +632,15 @@ async def test_hostile_schema_role_and_setting_values_never_execute_sql(
             with pytest.raises(TenantPoolError):
                 async with manager.with_connection("norole"):
                     pass
-            await wait_released(manager)
+            await drained(manager, limit=2.0)
             async with manager.with_connection("t0") as conn:
                 assert await conn.fetchval("SELECT current_user") == expected["t0"][0]
         await assert_canary_alive(admin, canary)
     finally:
         await admin.execute(f"DROP TABLE IF EXISTS public.{quote_ident(canary)}")
         for ident in idents:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE")
-        await drop_roles(admin, *idents)
+            await pg.drop_schema(ident)
+        await drop_roles(pg, *idents)
 
 
 async def test_hostile_values_round_trip_exactly_with_standard_conforming_strings_off(
@@ -682,7 +672,7 @@ async def test_hostile_values_round_trip_exactly_with_standard_conforming_string
             await assert_canary_alive(admin, canary)
     finally:
         await admin.execute(f"DROP TABLE IF EXISTS public.{quote_ident(canary)}")
-        await drop_roles(admin, login)
+        await drop_roles(pg, login)
 
 
 @pytest.mark.parametrize(
@@ -766,7 +756,7 @@ async def test_300_concurrent_scopes_of_12_tenants_on_4_connections_each_start_c
         assert 1 <= len(tenants_by_pid) <= 4
         # Connections really passed from tenant to tenant, so the clean starts mean something.
         assert max(len(served) for served in tenants_by_pid.values()) > 1
-        await wait_released(manager)
+        await drained(manager, limit=2.0)
         assert (
             await admin.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1",
@@ -836,8 +826,8 @@ async def test_next_tenant_with_fewer_settings_gets_the_extra_setting_schema_and
                     }
                     await assert_settings_clean(conn, clean_settings)
     finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
-        await drop_roles(admin, role)
+        await pg.drop_schema(schema)
+        await drop_roles(pg, role)
 
 
 async def test_switching_between_role_tenants_applies_settings_as_the_login_user(
@@ -876,4 +866,4 @@ async def test_switching_between_role_tenants_applies_settings_as_the_login_user
                     assert await conn.fetchval("SELECT current_user") == roles["globex"]
                     assert await conn.fetchval("SHOW log_duration") == "on"
     finally:
-        await drop_roles(admin, *roles.values())
+        await drop_roles(pg, *roles.values())
