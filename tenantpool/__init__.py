@@ -10,14 +10,16 @@ from ._errors import (
     TenantUnavailable,
     UnknownTenant,
 )
-from ._manager import ManagerStats, TenantPoolManager
-from ._pool import PoolStats
+from ._health import HealthReport
+from ._manager import TenantPoolManager
 from ._scope import TenantConnection
 from ._settings import PoolSettings, Target, redact_dsn
+from ._stats import ManagerStats, PoolStats, WaitTimes
 from ._tenant import Resolver, validate_tenant_id
 
 __all__ = [
     "ConnectionReleased",
+    "HealthReport",
     "InvalidTenant",
     "ManagerClosed",
     "ManagerStats",
@@ -32,6 +34,7 @@ __all__ = [
     "TenantPoolManager",
     "TenantUnavailable",
     "UnknownTenant",
+    "WaitTimes",
     "redact_dsn",
     "validate_tenant_id",
 ]

@@ -8,7 +8,7 @@ to the request once closed) or queues, first come first served across all pools.
 that frees capacity hands it to the head of the queue at once, so no request waits while a
 slot or a stealable idle connection exists.
 
-Not yet wired into the pools: see the README's status section.
+The pools call it synchronously from their own state transitions and carry out its decisions.
 """
 
 from __future__ import annotations
@@ -101,6 +101,14 @@ class Capacity(Generic[P, C, R]):
         self._queue.append((request, pool))
         self._queued.add(request)
         return None
+
+    def take(self) -> bool:
+        """Take a free slot without queueing or stealing (refilling ``min_size``): the cap and
+        everyone queued come first."""
+        if self._queue or self.saturated:
+            return False
+        self.total += 1
+        return True
 
     def withdraw(self, request: R) -> bool:
         """Take a queued request out (served another way, timed out, cancelled)."""

@@ -3,35 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
+from ._backoff import Backoff
+from ._capacity import Capacity
 from ._errors import ManagerClosed, NoCurrentConnection
-from ._pool import Pool, PoolStats
+from ._health import HealthReport, assess
+from ._maintenance import Maintenance
+from ._pool import Pool, SharedCapacity
 from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
 from ._settings import PoolSettings, Target, redact_dsn
+from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
-__all__ = ["ManagerStats", "TenantPoolManager"]
+__all__ = ["TenantPoolManager"]
 
 InitCallback = Callable[[asyncpg.Connection], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerStats:
-    """A snapshot of every pool's connections and requests; no passwords in it."""
-
-    total: int
-    in_use: int
-    idle: int
-    waiting: int
-    max_total: int | None
-    pools: Mapping[str, PoolStats]
 
 
 class TenantPoolManager:
@@ -48,17 +42,24 @@ class TenantPoolManager:
         close_timeout: float = 10.0,
         connect_kwargs: Mapping[str, Any] | None = None,
         init: InitCallback | None = None,
+        forget_after: float = 300.0,
+        reconnect_delay: float = 0.1,
+        reconnect_delay_max: float = 15.0,
+        reconnect_jitter: bool = True,
     ) -> None:
         if max_total_connections is not None and max_total_connections < 1:
             raise ValueError("max_total_connections must be >= 1 or None")
-        if max_total_connections is not None:
-            # A cap that is accepted but not enforced would be worse than none: refuse it
-            # until the pools honour it (the decisions already live in _capacity.py).
-            raise NotImplementedError("max_total_connections is not enforced yet")
-        if not reap_interval > 0:
-            raise ValueError("reap_interval must be > 0")
+        for name, value in (
+            ("reap_interval", reap_interval),
+            ("forget_after", forget_after),
+            ("reconnect_delay", reconnect_delay),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if not close_timeout >= 0:
             raise ValueError("close_timeout must be >= 0")
+        if not reconnect_delay_max >= reconnect_delay:
+            raise ValueError("reconnect_delay_max must be >= reconnect_delay")
         if default_tenant is not None:
             validate_tenant_id(default_tenant)
         self._resolver = TenantResolver(resolver)
@@ -69,8 +70,21 @@ class TenantPoolManager:
         self.close_timeout = close_timeout
         self._connect_kwargs = dict(connect_kwargs or {})
         self._init = init
+        self.forget_after = forget_after
+        self._backoff_args = (reconnect_delay, reconnect_delay_max, reconnect_jitter)
         self._pools: dict[bytes, Pool] = {}
         self._pool_names: set[str] = set()
+        # Pools whose connections exceed their min_size give up idle ones first at the cap.
+        self._capacity: SharedCapacity = Capacity(
+            max_total_connections, lambda pool: pool.size > pool.settings.min_size
+        )
+        self._counters = Counters()
+        self._maintenance = Maintenance(
+            reap_interval,
+            self._pools.values,
+            (("forget", self._forget_unused), ("saturation", self._watch_saturation)),
+        )
+        self._saturated_since: float | None = None
         self._started = False
         self._closed = False
 
@@ -81,6 +95,7 @@ class TenantPoolManager:
         if self._closed:
             raise ManagerClosed("a closed manager cannot be started again")
         self._started = True
+        self._maintenance.start()
 
     async def close(self) -> None:
         """Close every pool; checkouts raise ``ManagerClosed`` from now on.
@@ -89,7 +104,12 @@ class TenantPoolManager:
         terminated, so ``close()`` never hangs on a scope that does not end.
         """
         self._closed = True
+        await self._maintenance.stop()
         pools = list(self._pools.values())
+        # Every pool stops taking checkouts before any closes, so that capacity freed by one
+        # is not handed to a waiter of another that is about to close too.
+        for pool in pools:
+            pool.begin_close()
         await asyncio.gather(*(pool.close(self.close_timeout) for pool in pools))
 
     async def __aenter__(self) -> TenantPoolManager:
@@ -144,14 +164,39 @@ class TenantPoolManager:
         pool = self._pools.get(target.pool_key)
         if pool is None:
             settings = target.pool or self.pool_settings
+            first, cap, jitter = self._backoff_args
             pool = Pool(
                 self._unique_name(redact_dsn(target.dsn)),
                 settings,
                 self._connector(target.dsn, settings),
                 secrets=_secrets_of(target.dsn),
+                capacity=self._capacity,
+                counters=self._counters,
+                backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
+                lifetime_draw=random.random,
             )
             self._pools[target.pool_key] = pool
         return pool
+
+    def _forget_unused(self, now: float) -> None:
+        """Drop pools that hold nothing and went unused for ``forget_after`` seconds.
+
+        Memory then stays bounded by recent tenants, not by every tenant ever seen.
+        """
+        for key, pool in list(self._pools.items()):
+            if pool.forgettable(now, self.forget_after):
+                del self._pools[key]
+                self._pool_names.discard(pool.name)
+
+    def _watch_saturation(self, now: float) -> float:
+        """Seconds every slot under the cap has been busy (nothing idle to steal), else 0."""
+        capacity = self._capacity
+        if not (capacity.saturated and capacity.idle == 0):
+            self._saturated_since = None
+            return 0.0
+        if self._saturated_since is None:
+            self._saturated_since = now
+        return now - self._saturated_since
 
     def _unique_name(self, name: str) -> str:
         # Two DSNs can differ only by password; their redacted names must not collide.
@@ -182,8 +227,9 @@ class TenantPoolManager:
     # -- observability -----------------------------------------------------------------------
 
     def stats(self) -> ManagerStats:
-        """Counts over every pool: total, in use, idle, waiting, and per pool by name."""
+        """Counts over every pool: total, in use, idle, waiting, per pool by name, counters."""
         per_pool = {pool.name: pool.stats() for pool in self._pools.values()}
+        counters = self._counters
         return ManagerStats(
             total=sum(s.size for s in per_pool.values()),
             in_use=sum(s.in_use for s in per_pool.values()),
@@ -191,6 +237,24 @@ class TenantPoolManager:
             waiting=sum(s.waiting for s in per_pool.values()),
             max_total=self.max_total_connections,
             pools=MappingProxyType(per_pool),
+            checkouts=counters.checkouts,
+            timeouts=counters.timeouts,
+            steals=counters.steals,
+            recycles=counters.recycles,
+            connect_errors=counters.connect_errors,
+            backing_off=sum(s.backing_off for s in per_pool.values()),
+            wait_time=counters.wait_times(),
+        )
+
+    async def health(self) -> HealthReport:
+        """``ok``, ``degraded`` or ``failing``, with the figures behind the verdict."""
+        loop_now = asyncio.get_running_loop().time()
+        return assess(
+            self.stats(),
+            closed=self._closed,
+            background_task=self._maintenance.state,
+            longest_wait=max((p.oldest_wait(loop_now) for p in self._pools.values()), default=0.0),
+            saturated_for=self._watch_saturation(time.monotonic()),
         )
 
     def __repr__(self) -> str:
@@ -201,6 +265,10 @@ class TenantPoolManager:
             f"<TenantPoolManager {state} | Requests: {s.in_use} active, {s.waiting} queued"
             f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {len(s.pools)} pools>"
         )
+
+
+def _no_jitter() -> float:
+    return 1.0
 
 
 def _secrets_of(dsn: str) -> tuple[str, ...]:

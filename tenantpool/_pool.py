@@ -1,10 +1,16 @@
 """One connection target's connections: who gets which, what is opened, reset and closed.
 
 Every state change is a synchronous method (``_take_idle``, ``_make_idle``, ``_discard``,
-``_dispatch``) that never awaits, so counts cannot be torn by a cancellation between two
-updates. The I/O — opening, resetting, applying session state — runs in coroutines that call
-those methods when they finish. Release is synchronous too: the reset runs in a task the pool
-owns, so a caller cancelled in its ``finally`` cannot leak the connection.
+``_dispatch``, ``_slot_freed``) that never awaits, so counts cannot be torn by a cancellation
+between two updates. The I/O — opening, resetting, pinging, closing — runs in tasks the pool owns,
+which call those methods when they finish. Release is synchronous too, so a caller cancelled in
+its ``finally`` cannot leak the connection.
+
+The pools of one manager share a ``Capacity`` (the cap across pools) and a ``Counters``. A pool
+asks the capacity for a slot before it opens a connection, tells it when a connection becomes
+idle or stops being so, and when one is gone; the capacity's decisions (grant a slot to a queued
+request, steal an idle connection for one) are carried out by ``_carry_out`` on whichever pool
+they name.
 """
 
 from __future__ import annotations
@@ -12,83 +18,127 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import asyncpg
 
 from . import _session
+from ._backoff import Admission, Backoff
+from ._capacity import Capacity, Grant, Steal
 from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavailable
 from ._settings import PoolSettings, SessionState
+from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PoolStats", "PooledConnection"]
+__all__ = ["Pool", "PooledConnection", "SharedCapacity"]
 
 logger = logging.getLogger("tenantpool")
 
 Connector = Callable[[], Awaitable[asyncpg.Connection]]
 
-# A retry hint for callers turned away; the background task's backoff will refine it.
-_RETRY_AFTER = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A snapshot of one pool's connections and requests."""
-
-    name: str
-    size: int
-    in_use: int
-    idle: int
-    waiting: int
-    min_size: int
-    max_size: int
-    opening: int
-    releasing: int
+# A queued checkout that times out learns nothing about when capacity frees up; one second is
+# a polite pause that does not turn a brief overload into a long outage.
+_TIMEOUT_RETRY_AFTER = 1.0
 
 
 class PooledConnection:
     """An asyncpg connection with the metadata the pool keeps about it."""
 
-    __slots__ = ("applied", "close_on_release", "created_at", "expires_at", "last_used", "raw")
+    __slots__ = (
+        "applied",
+        "close_on_release",
+        "created_at",
+        "expires_at",
+        "last_checked",
+        "last_used",
+        "raw",
+    )
 
-    def __init__(self, raw: asyncpg.Connection, settings: PoolSettings) -> None:
+    def __init__(self, raw: asyncpg.Connection, settings: PoolSettings, draw: float) -> None:
         now = time.monotonic()
         self.raw = raw
         self.created_at = now
         self.last_used = now
-        # Each connection draws its own lifetime, so a fleet opened together does not
-        # reconnect together.
+        self.last_checked = now
+        # Each connection draws its own lifetime from [max_age * (1 - jitter), max_age], so a
+        # fleet opened together does not reconnect together.
         self.expires_at: float | None = None
         if settings.max_age is not None:
-            lifetime = settings.max_age * (1.0 - random.uniform(0.0, settings.max_age_jitter))
-            self.expires_at = now + lifetime
+            self.expires_at = now + settings.max_age * (1.0 - draw * settings.max_age_jitter)
         # The session state the connection carries; None when unknown (it must be reset).
         self.applied: SessionState | None = ()
         self.close_on_release = False
 
 
 class _Waiter:
-    __slots__ = ("future", "state")
+    """A checkout waiting for a connection of its pool or for a slot under the cap."""
 
-    def __init__(self, future: asyncio.Future[PooledConnection | None], state: SessionState):
-        self.future = future
+    __slots__ = ("future", "pool", "queued", "since", "state")
+
+    def __init__(self, pool: Pool, state: SessionState) -> None:
+        loop = asyncio.get_running_loop()
+        # The result is an idle connection handed over, or the task opening one for it.
+        self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
+            loop.create_future()
+        )
+        self.pool = pool
         self.state = state
+        self.queued = False  # in the capacity's queue, waiting for a slot
+        self.since = loop.time()
+
+
+SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
+
+
+def _carry_out(
+    capacity: SharedCapacity,
+    decision: Grant[_Waiter] | Steal[Pool, PooledConnection, _Waiter] | None,
+) -> None:
+    """Act on a capacity decision: the chosen checkout starts opening, after a steal's close."""
+    while decision is not None:
+        waiter = decision.request
+        if not waiter.future.done():
+            victim = None
+            if isinstance(decision, Steal):
+                victim = decision.conn
+                decision.pool._evict(victim)
+                waiter.pool._counters.steals += 1
+            waiter.pool._start_open(waiter, victim)
+            return
+        # Chosen in the instant between its cancellation and its clean-up: pass it on.
+        waiter.pool._forget_waiter(waiter)
+        if isinstance(decision, Steal):
+            decision = capacity.became_idle(decision.conn, decision.pool)
+        else:
+            decision = capacity.closed()
 
 
 class Pool:
     """The connections of one connection identity (a DSN with its credentials)."""
 
     def __init__(
-        self, name: str, settings: PoolSettings, connect: Connector, *, secrets: tuple[str, ...]
+        self,
+        name: str,
+        settings: PoolSettings,
+        connect: Connector,
+        *,
+        secrets: tuple[str, ...],
+        capacity: SharedCapacity,
+        counters: Counters,
+        backoff: Backoff,
+        lifetime_draw: Callable[[], float],
     ) -> None:
         self.name = name
         self.settings = settings
         self._connect = connect
         self._secrets = secrets
+        self._capacity = capacity
+        self._counters = counters
+        self._backoff = backoff
+        self._lifetime_draw = lifetime_draw
+        self._last_error = ""
         # Idle connections in release order: popitem() gives the most recently used (LIFO),
         # iteration starts at the least recently used.
         self._idle: dict[PooledConnection, None] = {}
@@ -96,18 +146,35 @@ class Pool:
         self._in_use: set[PooledConnection] = set()
         self._opening = 0
         self._releasing = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._closing = 0
+        # Checkouts in arrival order; a dict so that any of them leaves in O(1).
+        self._waiters: dict[_Waiter, None] = {}
+        self._pending = 0  # waiters queued at the capacity
+        self._dispatching = False
+        self._dispatch_again = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closers: set[asyncio.Task[None]] = set()  # among _tasks: closes in flight
         self._closed = False
         self._drained = asyncio.Event()
+        self.checkouts = 0
         self.last_used = time.monotonic()
 
     # -- figures -----------------------------------------------------------------------------
 
     @property
     def size(self) -> int:
-        """Every connection of this pool, those being opened or reset included."""
-        return len(self._idle) + len(self._in_use) + self._opening + self._releasing
+        """Every connection of this pool: in use, idle, opening, being reset or closed."""
+        return len(self._idle) + len(self._in_use) + self._opening + self._releasing + self._closing
+
+    @property
+    def backing_off(self) -> bool:
+        return self._backoff.backing_off
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest queued checkout has waited (loop time), 0.0 if none."""
+        for waiter in self._waiters:
+            return now - waiter.since
+        return 0.0
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -120,104 +187,132 @@ class Pool:
             max_size=self.settings.max_size,
             opening=self._opening,
             releasing=self._releasing,
+            closing=self._closing,
+            checkouts=self.checkouts,
+            backing_off=self._backoff.backing_off,
+            retry_after=self._backoff.retry_after(time.monotonic()),
         )
 
     def __repr__(self) -> str:
+        state = " closed" if self._closed else " backing off" if self.backing_off else ""
         return (
             f"<Pool {self.name!r} | Requests: {len(self._in_use)} active,"
             f" {len(self._waiters)} queued | Connections: {self.size} of {self.settings.max_size}"
-            f" ({len(self._idle)} idle, {self._opening} opening, {self._releasing} releasing)"
-            f"{' closed' if self._closed else ''}>"
+            f" ({len(self._idle)} idle, {self._opening} opening, {self._releasing} releasing,"
+            f" {self._closing} closing){state}>"
         )
 
     # -- checkout ----------------------------------------------------------------------------
 
     async def acquire(self, state: SessionState) -> PooledConnection:
         """Check out a connection carrying session ``state``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.acquire_timeout
+        started: float | None = None
+        deadline = 0.0
         while True:
             conn = None if self._waiters else self._take_idle(state)
             if conn is None:
+                if started is None:
+                    started = asyncio.get_running_loop().time()
+                    deadline = started + self.settings.acquire_timeout
                 conn = await self._acquire_slow(state, deadline)
-            if conn.applied == state:
-                return conn
-            try:
-                await _session.apply_state(
-                    conn.raw, conn.applied or (), state, budget=self.settings.connect_timeout
-                )
-            except BaseException as exc:
-                conn.applied = None
-                self.release(conn, dirty=True)
-                if conn.raw.is_closed() and isinstance(exc, Exception):
-                    # A connection that died while idle (a server restart): try another.
-                    continue
-                if isinstance(exc, asyncpg.PostgresError):  # e.g. a role that does not exist
-                    raise TenantPoolError(
-                        f"could not apply session state on {self.name}: {self._scrub(exc)}"
-                    ) from exc
-                if isinstance(exc, Exception):  # timed out, or the connection broke
-                    raise TenantUnavailable(
-                        f"could not apply session state on {self.name}:"
-                        f" {type(exc).__name__}: {self._scrub(exc)}",
-                        retry_after=_RETRY_AFTER,
-                    ) from exc
-                raise
-            conn.applied = state
+            if conn.applied != state:
+                try:
+                    await _session.apply_state(
+                        conn.raw, conn.applied or (), state, budget=self.settings.connect_timeout
+                    )
+                except BaseException as exc:
+                    conn.applied = None
+                    self.release(conn, dirty=True)
+                    if not isinstance(exc, Exception):
+                        raise
+                    if conn.raw.is_closed():
+                        # A connection that died while idle (a server restart): try another.
+                        continue
+                    raise self._apply_failed(exc) from exc
+                conn.applied = state
+            self.checkouts += 1
+            self._counters.checkouts += 1
+            if started is not None:
+                self._counters.waited(asyncio.get_running_loop().time() - started)
             return conn
+
+    def _apply_failed(self, exc: Exception) -> TenantPoolError:
+        if isinstance(exc, asyncpg.PostgresError):  # e.g. a role that does not exist
+            return TenantPoolError(
+                f"could not apply session state on {self.name}: {self._scrub(exc)}"
+            )
+        # Timed out, or the connection broke.
+        return TenantUnavailable(
+            f"could not apply session state on {self.name}:"
+            f" {type(exc).__name__}: {self._scrub(exc)}",
+            retry_after=_TIMEOUT_RETRY_AFTER,
+        )
 
     async def _acquire_slow(self, state: SessionState, deadline: float) -> PooledConnection:
         if self._closed:
             raise ManagerClosed("the manager is closed")
-        if not self._waiters and self._may_open():
-            self._opening += 1
-            return await self._open_for_caller(deadline)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), state)
-        self._waiters.append(waiter)
+        retry_after = self._rejecting()
+        if retry_after is not None:
+            raise self._unavailable(retry_after)
+        waiter = _Waiter(self, state)
+        self._waiters[waiter] = None
+        self._dispatch()
         try:
             async with asyncio.timeout_at(deadline):
                 granted = await waiter.future
         except BaseException as exc:
             self._abandon(waiter)
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and not isinstance(exc, TenantPoolError):
                 raise self._timed_out() from None
             raise
-        if granted is None:  # a grant to open a connection, already counted in _opening
-            return await self._open_for_caller(deadline)
-        return granted
+        if isinstance(granted, PooledConnection):
+            return granted
+        return await self._claim(granted, deadline)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a wait that ended without its result being used."""
         future = waiter.future
-        if future.done() and not future.cancelled():
+        if future.done() and not future.cancelled() and future.exception() is None:
             granted = future.result()
-            if granted is None:
-                self._opening -= 1
-            else:
+            if isinstance(granted, PooledConnection):
                 self._in_use.discard(granted)
                 self._make_idle(granted)
+            elif granted.done():
+                self._adopt(granted)
+            else:
+                granted.add_done_callback(self._adopt)
+            return
+        future.cancel()
+        if waiter in self._waiters:
+            self._forget_waiter(waiter)
             self._dispatch()
-        else:
-            future.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
 
     def _timed_out(self) -> PoolTimeout:
+        self._counters.timeouts += 1
         return PoolTimeout(
             f"couldn't get a connection from {self.name} after"
             f" {self.settings.acquire_timeout:.2f} sec",
-            retry_after=_RETRY_AFTER,
+            retry_after=_TIMEOUT_RETRY_AFTER,
         )
 
-    def _may_open(self) -> bool:
-        # Open rather than wait for a connection whose reset is in flight: a sequential caller
-        # then overlaps its next query with the previous reset instead of waiting it out
-        # (165 us vs 446 us a checkout in benchmarks/checkout.py). The cap will gate this.
-        return self.size < self.settings.max_size
+    def _rejecting(self) -> float | None:
+        """While the target backs off and no probe may run yet: the wait left, else None."""
+        backoff = self._backoff
+        if not backoff.backing_off:
+            return None
+        wait = backoff.retry_after(time.monotonic())
+        return wait if backoff.probing or wait > 0 else None
 
-    async def _open_for_caller(self, deadline: float) -> PooledConnection:
-        task = asyncio.get_running_loop().create_task(self._open())
-        self._track(task)
+    def _unavailable(self, retry_after: float) -> TenantUnavailable:
+        return TenantUnavailable(
+            f"cannot connect to {self.name} ({self._last_error}); next attempt in"
+            f" {retry_after:.2f} s",
+            retry_after=retry_after,
+        )
+
+    async def _claim(
+        self, task: asyncio.Task[PooledConnection], deadline: float
+    ) -> PooledConnection:
         try:
             async with asyncio.timeout_at(deadline):
                 # Shielded: a caller that gives up leaves the connect running, and the pool
@@ -228,7 +323,7 @@ class Pool:
                 self._adopt(task)
             else:
                 task.add_done_callback(self._adopt)
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and not isinstance(exc, TenantPoolError):
                 raise self._timed_out() from None
             raise
         self._opening -= 1
@@ -240,29 +335,75 @@ class Pool:
         if not task.cancelled() and task.exception() is None:
             self._opening -= 1
             self._make_idle(task.result())
-            self._dispatch()
 
-    async def _open(self) -> PooledConnection:
-        """Open a connection; it stays counted in ``_opening`` until its opener claims it."""
+    def _start_open(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
+        """Hand ``waiter`` a slot: it gets the task opening its connection."""
+        self._forget_waiter(waiter)
+        self._opening += 1
+        task = asyncio.get_running_loop().create_task(self._open(victim))
+        self._track(task)
+        waiter.future.set_result(task)
+
+    async def _open(self, victim: PooledConnection | None = None) -> PooledConnection:
+        """Open a connection in a slot already counted in ``_opening``.
+
+        A stolen ``victim`` is closed first, so the server never sees more than the cap. The
+        connection stays counted in ``_opening`` until its opener claims it.
+        """
+        admission: Admission | None = None
         try:
+            if victim is not None:
+                await _close_gracefully(victim.raw, self.settings.connect_timeout)
+            if self._closed:
+                raise ManagerClosed("the manager is closed")
+            admission = self._backoff.admit(time.monotonic())
+            if admission is Admission.REJECT:
+                raise self._unavailable(self._backoff.retry_after(time.monotonic()))
             raw = await self._connect()
         except BaseException as exc:
             self._opening -= 1
-            self._dispatch()
+            if admission is Admission.OPEN or admission is Admission.PROBE:
+                if isinstance(exc, Exception):
+                    self._connect_failed(exc)
+                elif admission is Admission.PROBE:
+                    self._backoff.probe_abandoned()
+            self._slot_freed()
+            if isinstance(exc, TenantPoolError):
+                raise
             if self._closed:
                 # close() cancels this task: the caller must see why, not a stray cancellation.
                 raise ManagerClosed("the manager is closed") from None
             if isinstance(exc, Exception):
-                raise TenantUnavailable(
-                    f"cannot connect to {self.name}: {type(exc).__name__}: {self._scrub(exc)}",
-                    retry_after=_RETRY_AFTER,
-                ) from exc
+                raise self._unavailable(self._backoff.retry_after(time.monotonic())) from exc
             raise
+        self._backoff.succeeded()
         if self._closed:
             self._opening -= 1
             raw.terminate()
+            self._slot_freed()
             raise ManagerClosed("the manager is closed")
-        return PooledConnection(raw, self.settings)
+        return PooledConnection(raw, self.settings, self._lifetime_draw())
+
+    def _connect_failed(self, exc: Exception) -> None:
+        self._counters.connect_errors += 1
+        self._last_error = f"{type(exc).__name__}: {self._scrub(exc)}"
+        failures = self._backoff.failures
+        delay = self._backoff.failed(time.monotonic())
+        if self._backoff.failures != failures:
+            logger.warning(
+                "tenantpool: cannot connect to %s (%s); attempt %d, next in %.2f s",
+                self.name,
+                self._last_error,
+                self._backoff.failures,
+                delay,
+            )
+        # Fail fast whoever queues behind a target that is down, rather than each waiting out
+        # acquire_timeout.
+        error = self._unavailable(delay)
+        for waiter in list(self._waiters):
+            self._forget_waiter(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
 
     def _take_idle(self, state: SessionState | None) -> PooledConnection | None:
         """Pop an idle connection, one already carrying ``state`` first, most recent first."""
@@ -274,6 +415,7 @@ class Pool:
             else:
                 conn = self._idle.popitem()[0]
                 self._unindex(conn)
+            self._capacity.not_idle(conn)
             if conn.raw.is_closed():
                 logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
                 self._discard(conn)
@@ -291,6 +433,15 @@ class Pool:
         if not bucket:
             del self._idle_by_state[state]
 
+    def _evict(self, conn: PooledConnection) -> None:
+        """Take an idle connection out of the pool (the capacity has already forgotten it)."""
+        del self._idle[conn]
+        self._unindex(conn)
+
+    def _remove_idle(self, conn: PooledConnection) -> None:
+        self._evict(conn)
+        self._capacity.not_idle(conn)
+
     # -- release -----------------------------------------------------------------------------
 
     def release(self, conn: PooledConnection, *, dirty: bool) -> None:
@@ -305,14 +456,15 @@ class Pool:
         raw = conn.raw
         if self._closed or conn.close_on_release or raw.is_closed():
             self._discard(conn)
+        elif conn.expires_at is not None and now >= conn.expires_at:
+            self._counters.recycles += 1
+            self._discard(conn)
         elif dirty:
             _session.forget_client_state(raw)
             self._releasing += 1
             self._track(asyncio.get_running_loop().create_task(self._reset(conn)))
-            return
         else:
             self._make_idle(conn)
-        self._dispatch()
 
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
@@ -342,47 +494,108 @@ class Pool:
             )
         finally:
             self._releasing -= 1
-            if ok and not self._closed:
+            if ok:
                 self._make_idle(conn)
             else:
                 self._discard(conn)
-            self._dispatch()
 
     def _make_idle(self, conn: PooledConnection) -> None:
-        if self._closed:
-            self._discard(conn)
-            return
-        state = conn.applied
-        if state is None:  # state unknown: never idle without a reset
+        """File a free connection: to this pool's first waiter, else idle (maybe stolen)."""
+        if self._closed or conn.applied is None:  # state unknown: never idle without a reset
             self._discard(conn)
             return
         self._idle[conn] = None
-        self._idle_by_state.setdefault(state, {})[conn] = None
+        self._idle_by_state.setdefault(conn.applied, {})[conn] = None
+        if self._waiters:
+            self._dispatch()
+            if conn not in self._idle:
+                return
+        _carry_out(self._capacity, self._capacity.became_idle(conn, self))
 
     def _discard(self, conn: PooledConnection) -> None:
-        """Forget a connection that is in none of the pool's collections, closing it."""
-        conn.raw.terminate()
+        """Close a connection that is in none of the pool's collections.
+
+        Its slot under the cap is freed only once the server has let it go, so that the
+        server never sees more connections than the cap.
+        """
+        if conn.raw.is_closed():
+            self._slot_freed()
+            return
+        self._closing += 1
+        task = asyncio.get_running_loop().create_task(self._close(conn.raw))
+        self._track(task)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close(self, raw: asyncpg.Connection) -> None:
+        try:
+            await _close_gracefully(raw, self.settings.connect_timeout)
+        finally:
+            self._closing -= 1
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
+        _carry_out(self._capacity, self._capacity.closed())
+        self._dispatch()
         if self._closed and not self._in_use and not self._releasing:
             self._drained.set()
 
+    def _forget_waiter(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            del self._waiters[waiter]
+        if waiter.queued:
+            waiter.queued = False
+            self._pending -= 1
+            self._capacity.withdraw(waiter)
+
     def _dispatch(self) -> None:
-        """Serve queued requests, first come first served, with whatever is free."""
+        """Serve waiting checkouts, first come first served, with whatever is free."""
+        # Serving one waiter can free or take capacity and call back in here; the outer call
+        # then simply goes round again.
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_once()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_once(self) -> None:
         waiters = self._waiters
-        while waiters:
-            waiter = waiters[0]
+        if not waiters:
+            return
+        max_size = self.settings.max_size
+        # Past this many, every waiter is either queued at the capacity or has no room.
+        for waiter in list(islice(waiters, len(self._idle) + max_size + 1)):
             if waiter.future.done():
-                waiters.popleft()
+                self._forget_waiter(waiter)
                 continue
-            conn = self._take_idle(waiter.state)
-            if conn is not None:
-                waiters.popleft()
-                waiter.future.set_result(conn)
-            elif self._may_open():
-                waiters.popleft()
-                self._opening += 1
-                waiter.future.set_result(None)
-            else:
+            if self._idle:
+                conn = self._take_idle(waiter.state)
+                if conn is not None:
+                    self._forget_waiter(waiter)
+                    waiter.future.set_result(conn)
+                    continue
+            if waiter.queued:
+                continue
+            if self.size + self._pending >= max_size:
                 break
+            retry_after = self._rejecting()
+            if retry_after is not None:
+                self._forget_waiter(waiter)
+                waiter.future.set_exception(self._unavailable(retry_after))
+                continue
+            decision = self._capacity.request(waiter, self)
+            if decision is None:
+                waiter.queued = True
+                self._pending += 1
+            else:
+                _carry_out(self._capacity, decision)
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -394,19 +607,104 @@ class Pool:
             text = text.replace(secret, "***")
         return text
 
+    # -- upkeep (the background task's duties) -----------------------------------------------
+
+    def reap(self, now: float) -> None:
+        """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
+        timeout = self.settings.idle_timeout
+        excess = self.size - self.settings.min_size
+        for conn in list(self._idle):
+            if conn.raw.is_closed():
+                self._remove_idle(conn)
+                self._discard(conn)
+                excess -= 1
+            elif timeout is not None and excess > 0 and now - conn.last_used >= timeout:
+                self._remove_idle(conn)
+                self._discard(conn)
+                excess -= 1
+
+    def recycle(self, now: float) -> None:
+        """Close idle connections past their own jittered ``max_age``."""
+        for conn in list(self._idle):
+            if conn.expires_at is not None and now >= conn.expires_at:
+                self._remove_idle(conn)
+                self._counters.recycles += 1
+                self._discard(conn)
+
+    def keepalive(self, now: float) -> None:
+        """Ping idle connections unused for ``keepalive_interval``; dead ones are dropped."""
+        interval = self.settings.keepalive_interval
+        if interval is None:
+            return
+        for conn in list(self._idle):
+            if now - max(conn.last_used, conn.last_checked) >= interval:
+                self._remove_idle(conn)
+                self._releasing += 1
+                self._track(asyncio.get_running_loop().create_task(self._ping(conn)))
+
+    async def _ping(self, conn: PooledConnection) -> None:
+        ok = False
+        try:
+            await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
+            ok = True
+        except (Exception, asyncio.CancelledError) as exc:
+            logger.info(
+                "tenantpool: dropped an idle connection of %s that failed its ping: %s",
+                self.name,
+                self._scrub(exc) or type(exc).__name__,
+            )
+        finally:
+            self._releasing -= 1
+            conn.last_checked = time.monotonic()
+            if ok:
+                self._make_idle(conn)
+            else:
+                self._discard(conn)
+
+    def refill(self) -> None:
+        """Open connections up to ``min_size`` with free slots only: the cap wins."""
+        missing = self.settings.min_size - self.size
+        while (
+            missing > 0 and not self._closed and self._rejecting() is None and self._capacity.take()
+        ):
+            missing -= 1
+            self._opening += 1
+            self._track(asyncio.get_running_loop().create_task(self._refill_one()))
+
+    async def _refill_one(self) -> None:
+        try:
+            conn = await self._open()
+        except (TenantPoolError, asyncio.CancelledError):
+            return  # counted and logged by _open; the backoff decides when to try again
+        self._opening -= 1
+        self._make_idle(conn)
+
+    def forgettable(self, now: float, after: float) -> bool:
+        """Whether the pool holds nothing and has been unused for ``after`` seconds."""
+        return (
+            self.size == 0
+            and not self._waiters
+            and not self._tasks
+            and not self._backoff.probing
+            and now - self.last_used >= after
+        )
+
     # -- shutdown ----------------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
+        self._closed = True
+        for waiter in list(self._waiters):
+            self._forget_waiter(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(ManagerClosed("the manager is closed"))
 
     async def close(self, grace: float) -> None:
         """Close every connection; checked-out ones get ``grace`` seconds, then are terminated."""
-        self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(ManagerClosed("the manager is closed"))
-        idle = list(self._idle)
-        self._idle.clear()
-        self._idle_by_state.clear()
-        await asyncio.gather(*(self._close_gracefully(c.raw, grace) for c in idle))
+        self.begin_close()
+        for conn in list(self._idle):
+            self._remove_idle(conn)
+            self._discard(conn)
         if self._in_use or self._releasing:
             try:
                 async with asyncio.timeout(grace):
@@ -419,13 +717,20 @@ class Pool:
                 )
         for conn in list(self._in_use):
             conn.raw.terminate()
+        # Polite closes get their own budget; opens are cut short.
+        if self._closers:
+            await asyncio.wait(list(self._closers), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
-    async def _close_gracefully(self, raw: asyncpg.Connection, grace: float) -> None:
-        try:
-            await raw.close(timeout=grace)
-        except Exception:
+
+async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> None:
+    """Close ``raw`` politely (the server ends the backend), forcibly if that fails."""
+    try:
+        with contextlib.suppress(Exception):
+            await raw.close(timeout=budget)
+    finally:
+        if not raw.is_closed():
             raw.terminate()

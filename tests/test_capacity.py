@@ -137,6 +137,14 @@ class CapacityMachine(RuleBasedStateMachine):
         else:
             self.apply(decision)
 
+    @rule(pool=st.sampled_from(POOLS))
+    def refill(self, pool: str) -> None:
+        m = self.model
+        expected = not m.queued and self.cap.total < self.limit
+        assert self.cap.take() == expected, "a refill takes only a free slot nobody waits for"
+        if expected:
+            m.opening[f"{pool}:refill{next(self.ids)}"] = pool
+
     @precondition(lambda self: self.model.opening)
     @rule(data=st.data(), succeed=st.booleans())
     def finish_open(self, data: st.DataObject, succeed: bool) -> None:

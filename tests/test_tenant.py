@@ -124,8 +124,14 @@ def test_default_tenant_is_validated() -> None:
         TenantPoolManager({}, default_tenant="bad id")
 
 
-def test_a_cap_that_is_not_enforced_yet_is_refused_not_ignored() -> None:
-    with pytest.raises(NotImplementedError, match="not enforced yet"):
-        TenantPoolManager({}, max_total_connections=20)
-    with pytest.raises(ValueError):
-        TenantPoolManager({}, max_total_connections=0)
+def test_manager_arguments_are_validated() -> None:
+    for bad in (
+        {"max_total_connections": 0},
+        {"reap_interval": 0},
+        {"forget_after": -1},
+        {"close_timeout": -1},
+        {"reconnect_delay": 0},
+        {"reconnect_delay": 2.0, "reconnect_delay_max": 1.0},
+    ):
+        with pytest.raises(ValueError):
+            TenantPoolManager({}, **bad)  # type: ignore[arg-type]
