@@ -151,9 +151,9 @@ async def test_waiters_at_the_cap_are_served_first_come_first_served_across_tena
                 await release[tenant].wait()
 
         async with anyio.create_task_group() as tg:
-            for tenant in names[:2]:
+            for count, tenant in enumerate(names[:2], start=1):
                 tg.start_soon(hold, tenant)
-            await until(lambda: len(entered) == 2)
+                await until(lambda: len(entered) == count)  # noqa: B023
             for queued, tenant in enumerate(names[2:], start=1):
                 tg.start_soon(hold, tenant)
                 await until(lambda: manager.stats().waiting == queued)  # noqa: B023
