@@ -399,11 +399,10 @@ class Pool:
             )
         # Fail fast whoever queues behind a target that is down, rather than each waiting out
         # acquire_timeout.
-        error = self._unavailable(delay)
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
-                waiter.future.set_exception(error)
+                waiter.future.set_exception(self._unavailable(delay))
 
     def _take_idle(self, state: SessionState | None) -> PooledConnection | None:
         """Pop an idle connection, one already carrying ``state`` first, most recent first."""
