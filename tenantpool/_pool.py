@@ -460,39 +460,55 @@ class Pool:
             self._discard(conn)
         elif dirty:
             _session.forget_client_state(raw)
-            self._releasing += 1
-            self._track(asyncio.get_running_loop().create_task(self._reset(conn)))
+            self._set_aside(conn, self._reset)
         else:
             self._make_idle(conn)
 
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
         timeout = self.settings.connect_timeout
+        await _session.settle(raw, budget=timeout)
+        for deallocate in (False, True):
+            script = _session.reset_script(
+                conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
+            )
+            try:
+                await raw.execute(script, timeout=timeout)
+                break
+            except _session.PreparedStatementsLeft:
+                if deallocate:
+                    raise
+        if conn.applied is None:
+            conn.applied = ()
+
+    async def _ping(self, conn: PooledConnection) -> None:
+        await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
+
+    def _set_aside(
+        self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
+    ) -> None:
+        """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
+        self._releasing += 1
+        self._track(asyncio.get_running_loop().create_task(self._tend(conn, work)))
+
+    async def _tend(
+        self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
+    ) -> None:
         ok = False
         try:
-            await _session.settle(raw, budget=timeout)
-            for deallocate in (False, True):
-                script = _session.reset_script(
-                    conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
-                )
-                try:
-                    await raw.execute(script, timeout=timeout)
-                    break
-                except _session.PreparedStatementsLeft:
-                    if deallocate:
-                        raise
-            if conn.applied is None:
-                conn.applied = ()
+            await work(conn)
             ok = True
         except (Exception, asyncio.CancelledError) as exc:
-            # A connection whose state is unknown is never reused.
+            # A connection whose state is unknown, or that failed its ping, is never reused.
             logger.info(
-                "tenantpool: closing a connection of %s that could not be reset: %s",
+                "tenantpool: closing a connection of %s after a failed %s: %s",
                 self.name,
+                work.__name__.lstrip("_"),
                 self._scrub(exc) or type(exc).__name__,
             )
         finally:
             self._releasing -= 1
+            conn.last_checked = time.monotonic()
             if ok:
                 self._make_idle(conn)
             else:
@@ -638,27 +654,7 @@ class Pool:
         for conn in list(self._idle):
             if now - max(conn.last_used, conn.last_checked) >= interval:
                 self._remove_idle(conn)
-                self._releasing += 1
-                self._track(asyncio.get_running_loop().create_task(self._ping(conn)))
-
-    async def _ping(self, conn: PooledConnection) -> None:
-        ok = False
-        try:
-            await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
-            ok = True
-        except (Exception, asyncio.CancelledError) as exc:
-            logger.info(
-                "tenantpool: dropped an idle connection of %s that failed its ping: %s",
-                self.name,
-                self._scrub(exc) or type(exc).__name__,
-            )
-        finally:
-            self._releasing -= 1
-            conn.last_checked = time.monotonic()
-            if ok:
-                self._make_idle(conn)
-            else:
-                self._discard(conn)
+                self._set_aside(conn, self._ping)
 
     def refill(self) -> None:
         """Open connections up to ``min_size`` with free slots only: the cap wins."""

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
 import pytest
-from _postgres import PostgresCluster, unique_name
+from _postgres import PostgresCluster
 from _support import ServerSampler, drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, PoolTimeout, Target, TenantPoolManager
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def login(pg: PostgresCluster) -> AsyncIterator[tuple[str, str]]:
-    """A login role of the test's own, so server-side counts see only this test."""
-    name, password = unique_name("cap"), "pw-" + unique_name()
-    await pg.create_role(name, password)
-    yield name, password
-    await pg.drop_role(name)
 
 
 def tenants(

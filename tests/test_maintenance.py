@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from _postgres import PostgresCluster, unique_name
+from _postgres import PostgresCluster
 from _support import drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
@@ -25,15 +24,6 @@ def quiet(**duty: float | None) -> PoolSettings:
         "keepalive_interval": None,
     }
     return PoolSettings(**{**off, **duty})  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def login(pg: PostgresCluster) -> AsyncIterator[str]:
-    """A login role of the test's own, so server-side views see only this test; its DSN."""
-    name, password = unique_name("upkeep"), "pw-" + unique_name()
-    await pg.create_role(name, password)
-    yield pg.dsn(name, password)
-    await pg.drop_role(name)
 
 
 async def open_together(manager: TenantPoolManager, tenant: str, n: int) -> list[int]:
@@ -59,10 +49,10 @@ async def alive(pg: PostgresCluster, pids: list[int]) -> set[int]:
     return {row["pid"] for row in rows}
 
 
-async def test_idle_connections_are_reaped_down_to_min_size(login: str) -> None:
+async def test_idle_connections_are_reaped_down_to_min_size(login_dsn: str) -> None:
     settings = quiet(idle_timeout=0.2, min_size=1)
     async with TenantPoolManager(
-        {"acme": Target(login)}, pool=settings, reap_interval=0.02
+        {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.02
     ) as manager:
         await open_together(manager, "acme", 4)
         assert manager.stats().idle == 4
@@ -72,12 +62,12 @@ async def test_idle_connections_are_reaped_down_to_min_size(login: str) -> None:
 
 
 async def test_recycling_is_spread_by_jitter_and_never_takes_a_checked_out_connection(
-    pg: PostgresCluster, login: str
+    pg: PostgresCluster, login_dsn: str
 ) -> None:
     max_age, jitter, n = 2.0, 0.5, 50
     settings = quiet(max_size=n + 1, max_age=max_age, max_age_jitter=jitter)
     async with TenantPoolManager(
-        {"acme": Target(login)}, pool=settings, reap_interval=0.02
+        {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.02
     ) as manager:
         async with manager.with_connection("acme") as held:
             held_pid = held.get_server_pid()
@@ -110,11 +100,11 @@ async def test_recycling_is_spread_by_jitter_and_never_takes_a_checked_out_conne
 
 
 async def test_keepalive_pings_idle_connections_and_dead_ones_are_dropped(
-    pg: PostgresCluster, login: str
+    pg: PostgresCluster, login_dsn: str
 ) -> None:
     settings = quiet(keepalive_interval=0.1)
     async with TenantPoolManager(
-        {"acme": Target(login)}, pool=settings, reap_interval=0.02
+        {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.02
     ) as manager:
         pids = await open_together(manager, "acme", 2)
         async with manager.with_connection("acme") as conn:
@@ -131,10 +121,10 @@ async def test_keepalive_pings_idle_connections_and_dead_ones_are_dropped(
             assert conn.get_server_pid() == pid
 
 
-async def test_min_size_is_refilled_in_the_background(login: str) -> None:
+async def test_min_size_is_refilled_in_the_background(login_dsn: str) -> None:
     settings = quiet(min_size=3)
     async with TenantPoolManager(
-        {"acme": Target(login)}, pool=settings, reap_interval=0.02
+        {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.02
     ) as manager:
         async with manager.with_connection("acme"):
             pass
@@ -143,9 +133,9 @@ async def test_min_size_is_refilled_in_the_background(login: str) -> None:
         assert manager.stats().total == 3
 
 
-async def test_pools_unused_for_a_while_are_forgotten_and_counters_survive(login: str) -> None:
+async def test_pools_unused_for_a_while_are_forgotten_and_counters_survive(login_dsn: str) -> None:
     n = 200
-    targets = {f"t{i}": Target(tenant_dsn(login, f"t{i}")) for i in range(n)}
+    targets = {f"t{i}": Target(tenant_dsn(login_dsn, f"t{i}")) for i in range(n)}
     settings = quiet(idle_timeout=0.05)
     async with TenantPoolManager(
         targets, pool=settings, reap_interval=0.02, forget_after=0.1, max_total_connections=10
@@ -166,7 +156,7 @@ async def test_pools_unused_for_a_while_are_forgotten_and_counters_survive(login
 
 
 async def test_a_failing_duty_is_logged_and_the_others_still_run(
-    login: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    login_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(self: Pool, now: float) -> None:
         raise RuntimeError("recycle is broken")
@@ -175,7 +165,7 @@ async def test_a_failing_duty_is_logged_and_the_others_still_run(
     settings = quiet(idle_timeout=0.1)
     with caplog.at_level(logging.ERROR, logger="tenantpool"):
         async with TenantPoolManager(
-            {"acme": Target(login)}, pool=settings, reap_interval=0.02
+            {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.02
         ) as manager:
             await open_together(manager, "acme", 2)
             await until(lambda: manager.stats().total == 0)  # reaping still ran
@@ -185,9 +175,9 @@ async def test_a_failing_duty_is_logged_and_the_others_still_run(
 
 
 async def test_a_dead_background_task_makes_health_failing(
-    login: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    login_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with TenantPoolManager({"acme": Target(login)}, reap_interval=0.02) as manager:
+    async with TenantPoolManager({"acme": Target(login_dsn)}, reap_interval=0.02) as manager:
         assert (await manager.health()).status == "ok"
 
         def crash(now: float) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from _postgres import PostgresCluster, unique_name
+from _postgres import PostgresCluster
 from _support import drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager, TenantUnavailable, redact_dsn
@@ -140,20 +139,12 @@ async def test_close_is_bounded_with_a_connect_hanging(pg: PostgresCluster) -> N
         assert manager.stats().total == 0
 
 
-@pytest.fixture
-async def login(pg: PostgresCluster) -> AsyncIterator[str]:
-    name, password = unique_name("outage"), "pw-" + unique_name()
-    await pg.create_role(name, password)
-    yield pg.dsn(name, password)
-    await pg.drop_role(name)
-
-
 async def test_every_pool_recovers_by_itself_after_a_server_restart(
-    restartable_pg: PostgresCluster, login: str
+    restartable_pg: PostgresCluster, login_dsn: str
 ) -> None:
     pg = restartable_pg
     n = 30
-    targets = {f"t{i}": Target(tenant_dsn(login, f"t{i}")) for i in range(n)}
+    targets = {f"t{i}": Target(tenant_dsn(login_dsn, f"t{i}")) for i in range(n)}
     settings = PoolSettings(min_size=1, connect_timeout=2)
     async with TenantPoolManager(targets, pool=settings, reap_interval=0.05) as manager:
         for tenant in targets:
