@@ -335,38 +335,17 @@ class Registry:
             raise ValueError(f"unknown isolation {isolation!r}")
         name = self.object_name(tenant_id)
         password = new_password() if isolation == "role" else None
-        lock = _lock_key(self.prefix, tenant_id)
         async with self._control().acquire() as conn:
             # Held while provisioning, so that another process's sweep leaves this one alone.
-            await conn.execute("SELECT pg_advisory_lock($1)", lock)
+            await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(self.prefix, tenant_id))
             try:
                 created_at = await self._reserve(conn, tenant_id, isolation, name)
-                made_database = False
-                try:
-                    await self._step(tenant_id, "reserved")
-                    if isolation == "database":
-                        # Set first: a cancellation may land after the server made it.
-                        made_database = True
-                        try:
-                            await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
-                        except asyncpg.DuplicateDatabaseError:
-                            made_database = False  # not ours to drop
-                            raise _taken("database", name) from None
-                        await self._fill_database(conn, tenant_id, name)
-                    else:
-                        async with conn.transaction():
-                            if isolation == "schema":
-                                await self._create_schema(conn, name)
-                            elif isolation == "role":
-                                await self._create_role(conn, name, password or "")
-                            await self._step(tenant_id, "objects")
-                            await self._mark_ready(conn, tenant_id)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self._undo(tenant_id, name, drop_database=made_database)
-                    raise
+                # One provisioning at a time: concurrent GRANTs on one schema fail with "tuple
+                # concurrently updated". After the reservation, so a duplicate is told at once.
+                await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(self.prefix))
+                await self._provision(conn, tenant_id, isolation, name, password)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+                await conn.execute("SELECT pg_advisory_unlock_all()")
         row = {
             "id": tenant_id,
             "isolation": isolation,
@@ -378,6 +357,34 @@ class Registry:
         self._remember(tenant)
         logger.info("tenant %r created (%s isolation)", tenant_id, isolation)
         return tenant
+
+    async def _provision(
+        self, conn: Conn, tenant_id: str, isolation: Isolation, name: str, password: str | None
+    ) -> None:
+        made_database = False
+        try:
+            await self._step(tenant_id, "reserved")
+            if isolation == "database":
+                # Set first: a cancellation may land after the server made it.
+                made_database = True
+                try:
+                    await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
+                except asyncpg.DuplicateDatabaseError:
+                    made_database = False  # not ours to drop
+                    raise _taken("database", name) from None
+                await self._fill_database(conn, tenant_id, name)
+            else:
+                async with conn.transaction():
+                    if isolation == "schema":
+                        await self._create_schema(conn, name)
+                    elif isolation == "role":
+                        await self._create_role(conn, name, password or "")
+                    await self._step(tenant_id, "objects")
+                    await self._mark_ready(conn, tenant_id)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._undo(tenant_id, name, drop_database=made_database)
+            raise
 
     async def _step(self, tenant_id: str, step: str) -> None:
         if self._checkpoint is not None:
