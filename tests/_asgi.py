@@ -11,9 +11,9 @@ import httpx
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Message, Receive
 
-from tenantpool import Target
+from tenantpool import Target, TenantPoolManager
 
-__all__ = ["http_scope", "serve", "shared", "stalled_receive"]
+__all__ = ["held", "http_scope", "serve", "shared", "stalled_receive"]
 
 
 def shared(dsn: str, *tenants: str) -> dict[str, Target]:
@@ -68,3 +68,26 @@ def stalled_receive(disconnect_after: anyio.Event | None = None) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+@asynccontextmanager
+async def held(manager: TenantPoolManager, tenant: str) -> AsyncIterator[None]:
+    """Keep one of ``tenant``'s connections checked out by another task meanwhile.
+
+    Another task, because httpx's ASGI transport runs the app in the caller's task: a scope
+    held by the test itself would be reused by the request, as nested scopes are.
+    """
+    taken, done = anyio.Event(), anyio.Event()
+
+    async def hold() -> None:
+        async with manager.with_connection(tenant):
+            taken.set()
+            await done.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await taken.wait()
+        try:
+            yield
+        finally:
+            done.set()
