@@ -9,7 +9,7 @@ tenantpool's errors to HTTP. Prometheus metrics live in ``tenantpool.fastapi.met
 prometheus_client.
 """
 
-from ._context import STATE_KEY, RequestTenant, current_request
+from ._context import RequestTenant, current_request
 from ._dependencies import (
     CurrentTenant,
     EndpointConnection,
@@ -36,7 +36,6 @@ from ._sources import (
 )
 
 __all__ = [
-    "STATE_KEY",
     "CurrentTenant",
     "EndpointConnection",
     "Health",

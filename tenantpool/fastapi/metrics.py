@@ -30,7 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "tenantpool.fastapi.metrics needs prometheus_client: pip install 'tenantpool[prometheus]'"
+    ) from exc
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
