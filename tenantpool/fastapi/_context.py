@@ -56,6 +56,7 @@ def current_request() -> RequestTenant:
     if found is None:
         raise RuntimeError(
             "no request tenant: add tenantpool.fastapi.TenantMiddleware to the application"
+            " (it serves HTTP requests; websocket connections pass through it untouched)"
         )
     return found
 
