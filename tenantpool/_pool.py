@@ -399,11 +399,10 @@ class Pool:
             )
         # Fail fast whoever queues behind a target that is down, rather than each waiting out
         # acquire_timeout.
-        error = self._unavailable(delay)
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
-                waiter.future.set_exception(error)
+                waiter.future.set_exception(self._unavailable(delay))
 
     def _take_idle(self, state: SessionState | None) -> PooledConnection | None:
         """Pop an idle connection, one already carrying ``state`` first, most recent first."""
@@ -461,39 +460,55 @@ class Pool:
             self._discard(conn)
         elif dirty:
             _session.forget_client_state(raw)
-            self._releasing += 1
-            self._track(asyncio.get_running_loop().create_task(self._reset(conn)))
+            self._set_aside(conn, self._reset)
         else:
             self._make_idle(conn)
 
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
         timeout = self.settings.connect_timeout
+        await _session.settle(raw, budget=timeout)
+        for deallocate in (False, True):
+            script = _session.reset_script(
+                conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
+            )
+            try:
+                await raw.execute(script, timeout=timeout)
+                break
+            except _session.PreparedStatementsLeft:
+                if deallocate:
+                    raise
+        if conn.applied is None:
+            conn.applied = ()
+
+    async def _ping(self, conn: PooledConnection) -> None:
+        await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
+
+    def _set_aside(
+        self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
+    ) -> None:
+        """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
+        self._releasing += 1
+        self._track(asyncio.get_running_loop().create_task(self._tend(conn, work)))
+
+    async def _tend(
+        self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
+    ) -> None:
         ok = False
         try:
-            await _session.settle(raw, budget=timeout)
-            for deallocate in (False, True):
-                script = _session.reset_script(
-                    conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
-                )
-                try:
-                    await raw.execute(script, timeout=timeout)
-                    break
-                except _session.PreparedStatementsLeft:
-                    if deallocate:
-                        raise
-            if conn.applied is None:
-                conn.applied = ()
+            await work(conn)
             ok = True
         except (Exception, asyncio.CancelledError) as exc:
-            # A connection whose state is unknown is never reused.
+            # A connection whose state is unknown, or that failed its ping, is never reused.
             logger.info(
-                "tenantpool: closing a connection of %s that could not be reset: %s",
+                "tenantpool: closing a connection of %s after a failed %s: %s",
                 self.name,
+                work.__name__.lstrip("_"),
                 self._scrub(exc) or type(exc).__name__,
             )
         finally:
             self._releasing -= 1
+            conn.last_checked = time.monotonic()
             if ok:
                 self._make_idle(conn)
             else:
@@ -609,6 +624,12 @@ class Pool:
 
     # -- upkeep (the background task's duties) -----------------------------------------------
 
+    @property
+    def needs_upkeep(self) -> bool:
+        """Whether any duty has something to do: every duty looks at idle connections only,
+        but refill. Lets a sweep over many thousands of empty pools stay cheap."""
+        return bool(self._idle) or self.size < self.settings.min_size
+
     def reap(self, now: float) -> None:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
         timeout = self.settings.idle_timeout
@@ -639,27 +660,7 @@ class Pool:
         for conn in list(self._idle):
             if now - max(conn.last_used, conn.last_checked) >= interval:
                 self._remove_idle(conn)
-                self._releasing += 1
-                self._track(asyncio.get_running_loop().create_task(self._ping(conn)))
-
-    async def _ping(self, conn: PooledConnection) -> None:
-        ok = False
-        try:
-            await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
-            ok = True
-        except (Exception, asyncio.CancelledError) as exc:
-            logger.info(
-                "tenantpool: dropped an idle connection of %s that failed its ping: %s",
-                self.name,
-                self._scrub(exc) or type(exc).__name__,
-            )
-        finally:
-            self._releasing -= 1
-            conn.last_checked = time.monotonic()
-            if ok:
-                self._make_idle(conn)
-            else:
-                self._discard(conn)
+                self._set_aside(conn, self._ping)
 
     def refill(self) -> None:
         """Open connections up to ``min_size`` with free slots only: the cap wins."""
@@ -682,11 +683,11 @@ class Pool:
     def forgettable(self, now: float, after: float) -> bool:
         """Whether the pool holds nothing and has been unused for ``after`` seconds."""
         return (
-            self.size == 0
+            now - self.last_used >= after
+            and self.size == 0
             and not self._waiters
             and not self._tasks
             and not self._backoff.probing
-            and now - self.last_used >= after
         )
 
     # -- shutdown ----------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
+
 import anyio
+import asyncpg
 
 from tenantpool import TenantPoolManager
 
@@ -17,3 +22,69 @@ async def drained(manager: TenantPoolManager, limit: float = 5.0) -> None:
     with anyio.fail_after(limit):
         while any(p.in_use or p.releasing or p.opening for p in manager.stats().pools.values()):  # noqa: ASYNC110
             await anyio.sleep(0.005)
+
+
+def tenant_dsn(dsn: str, name: str) -> str:
+    """``dsn`` made distinct by its ``application_name``: a pool of its own, same server."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}application_name={name}"
+
+
+class ServerSampler:
+    """Counts, from a thread of its own, the client backends the server holds for one role.
+
+    The thread runs its own event loop and superuser connection, so the figures do not depend
+    on how busy the loop under test is. Backends still authenticating have no user yet and
+    are counted too.
+    """
+
+    def __init__(self, superuser_dsn: str, role: str) -> None:
+        self._dsn = superuser_dsn
+        self._role = role
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._error: BaseException | None = None
+        self.samples: list[int] = []
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+    def __enter__(self) -> ServerSampler:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._sample())
+        except BaseException as exc:  # reported by __exit__ on the test's thread
+            self._error = exc
+            self._ready.set()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            query = await conn.prepare(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid() AND (usename = $1 OR usename IS NULL)"
+            )
+            self._ready.set()
+            while not self._stop.is_set():
+                self.samples.append(await query.fetchval(self._role))
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+
+
+async def until(condition: Callable[[], object], limit: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``limit`` seconds."""
+    with anyio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.002)

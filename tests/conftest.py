@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from _postgres import PostgresCluster, unique_name
@@ -39,3 +39,18 @@ def restartable_pg(pg: PostgresCluster) -> Iterator[PostgresCluster]:
     finally:
         if not pg.is_running():
             pg.start_again()
+
+
+@pytest.fixture
+async def login(pg: PostgresCluster) -> AsyncIterator[tuple[str, str]]:
+    """A login role of the test's own, ``(name, password)``: server-side views can single out
+    this test's connections by user name."""
+    name, password = unique_name("login"), "pw-" + unique_name()
+    await pg.create_role(name, password)
+    yield name, password
+    await pg.drop_role(name)
+
+
+@pytest.fixture
+def login_dsn(pg: PostgresCluster, login: tuple[str, str]) -> str:
+    return pg.dsn(*login)

@@ -290,6 +290,29 @@ async def test_stats_and_repr(pg: PostgresCluster) -> None:
         assert pg.superuser_password not in repr(vars(manager))
 
 
+async def test_counters_and_the_wait_histogram(pg: PostgresCluster) -> None:
+    async with TenantPoolManager(
+        shared(pg.dsn(), "acme", "globex"), pool=PoolSettings(max_size=1)
+    ) as manager:
+        async with manager.with_connection("acme"):  # opens: a wait
+            pass
+        await drained(manager)
+        for _ in range(3):  # idle at hand: no wait
+            async with manager.with_connection("acme"):
+                async with manager.with_connection("acme"):  # reused: not a checkout
+                    pass
+            await drained(manager)
+        stats = manager.stats()
+        assert (stats.checkouts, stats.timeouts, stats.steals, stats.connect_errors) == (4, 0, 0, 0)
+        (pool,) = stats.pools.values()
+        assert pool.checkouts == 4 and not pool.backing_off and pool.retry_after == 0.0
+        waits = stats.wait_time
+        assert waits.count == 4 and waits.sum > 0
+        counts = [n for _, n in waits.buckets]
+        assert counts == sorted(counts) and counts[0] >= 3 and counts[-1] <= 4
+        assert [bound for bound, _ in waits.buckets] == sorted(bound for bound, _ in waits.buckets)
+
+
 async def test_type_codec_changes_close_the_connection_at_release(pg: PostgresCluster) -> None:
     async with TenantPoolManager(
         shared(pg.dsn(), "acme"), pool=PoolSettings(max_size=1)
