@@ -17,18 +17,22 @@ import tenantpool.fastapi
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parent.parent
-SECTION = REPO / "docs" / "fastapi-readme-section.md"
+README = REPO / "README.md"
 DOC_DSN = "postgresql://app:secret@localhost:5432/app"
 
 
 def snippets() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", SECTION.read_text(), re.S | re.M)
+    """The python blocks of the README's FastAPI section."""
+    text = README.read_text()
+    start = text.index("\n## FastAPI and Starlette\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
 
 
 def run_snippet(code: str, dsn: str) -> Any:
     assert code.count(DOC_DSN) == 1
     namespace: dict[str, Any] = {"__name__": "readme_snippet"}
-    exec(compile(code.replace(DOC_DSN, dsn), str(SECTION), "exec"), namespace)
+    exec(compile(code.replace(DOC_DSN, dsn), str(README), "exec"), namespace)
     return namespace["app"]
 
 
