@@ -86,6 +86,8 @@ class Maintenance:
     def tick(self, now: float) -> None:
         """One round of every duty; ``now`` is ``time.monotonic()``."""
         for pool in list(self._pools()):
+            if not pool.needs_upkeep:
+                continue
             for name, duty in POOL_DUTIES:
                 try:
                     duty(pool, now)

@@ -624,6 +624,12 @@ class Pool:
 
     # -- upkeep (the background task's duties) -----------------------------------------------
 
+    @property
+    def needs_upkeep(self) -> bool:
+        """Whether any duty has something to do: every duty looks at idle connections only,
+        but refill. Lets a sweep over many thousands of empty pools stay cheap."""
+        return bool(self._idle) or self.size < self.settings.min_size
+
     def reap(self, now: float) -> None:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
         timeout = self.settings.idle_timeout
@@ -677,11 +683,11 @@ class Pool:
     def forgettable(self, now: float, after: float) -> bool:
         """Whether the pool holds nothing and has been unused for ``after`` seconds."""
         return (
-            self.size == 0
+            now - self.last_used >= after
+            and self.size == 0
             and not self._waiters
             and not self._tasks
             and not self._backoff.probing
-            and now - self.last_used >= after
         )
 
     # -- shutdown ----------------------------------------------------------------------------

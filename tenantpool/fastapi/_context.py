@@ -1,0 +1,82 @@
+"""The request's tenant as the middleware found it, and where a request's manager comes from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+
+from starlette.types import Scope
+
+from .._errors import NoCurrentConnection
+from .._manager import TenantPoolManager
+
+__all__ = [
+    "STATE_KEY",
+    "RequestTenant",
+    "current_request",
+    "manager_for",
+    "request_var",
+    "state_manager",
+]
+
+# The key under which manager_lifespan puts the manager into the lifespan state, so that it is
+# ``request.state.tenantpool_manager`` in endpoints.
+STATE_KEY = "tenantpool_manager"
+
+
+class RequestTenant:
+    """What ``TenantMiddleware`` found for one request: the tenant id (or none), and where."""
+
+    __slots__ = ("manager", "resolved", "source", "tenant")
+
+    def __init__(self, tenant: str | None, source: str, manager: TenantPoolManager | None) -> None:
+        self.tenant = tenant
+        self.source = source
+        self.manager = manager
+        # Set once the resolver has confirmed the tenant exists, so that it is asked once.
+        self.resolved = False
+
+    def require_tenant(self) -> str:
+        if self.tenant is None:
+            raise NoCurrentConnection(f"this route needs a tenant; expected in {self.source}")
+        return self.tenant
+
+    def __repr__(self) -> str:
+        return f"<RequestTenant {self.tenant!r} from {self.source}>"
+
+
+# A ContextVar rather than a scope key: code deep in the stack and background tasks find it
+# without being handed the request, and it survives scope copies made by sub-applications.
+request_var: ContextVar[RequestTenant | None] = ContextVar("tenantpool_request", default=None)
+
+
+def current_request() -> RequestTenant:
+    """The request's tenant; ``RuntimeError`` when no ``TenantMiddleware`` ran for it."""
+    found = request_var.get()
+    if found is None:
+        raise RuntimeError(
+            "no request tenant: add tenantpool.fastapi.TenantMiddleware to the application"
+            " (it serves HTTP requests; websocket connections pass through it untouched)"
+        )
+    return found
+
+
+def state_manager(scope: Scope) -> TenantPoolManager | None:
+    """The manager ``manager_lifespan`` put into the lifespan state, if any."""
+    state = scope.get("state")
+    manager = state.get(STATE_KEY) if isinstance(state, Mapping) else None
+    return manager if isinstance(manager, TenantPoolManager) else None
+
+
+def manager_for(scope: Scope | None) -> TenantPoolManager:
+    """The manager the middleware recorded for this request, else the lifespan state's."""
+    found = request_var.get()
+    if found is not None and found.manager is not None:
+        return found.manager
+    manager = state_manager(scope) if scope is not None else None
+    if manager is not None:
+        return manager
+    raise RuntimeError(
+        "no TenantPoolManager for this request: run the application with"
+        " lifespan=manager_lifespan(...), or pass manager= to TenantMiddleware"
+    )
