@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GATES = {
     "ruff-check": ["ruff", "check", "."],
     "ruff-format": ["ruff", "format", "--check", "."],
-    "mypy-strict": ["mypy", "--strict", "tenantpool"],
+    "mypy-strict": ["mypy", "--strict", "tenantpool", "demo_api"],
 }
 
 
