@@ -13,17 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tenantpool import TenantPoolManager, UnknownTenant, redact_dsn, validate_tenant_id
-
-from ._dashboard import DASHBOARD_HTML
-from ._glue import (
-    STATE_KEY,
+from tenantpool.fastapi import (
     CurrentTenant,
     EndpointConnection,
+    PoolManager,
+    TenantMiddleware,
     health_endpoint,
     install_error_handlers,
-    manager_for,
-    metrics_endpoint,
+    manager_lifespan,
 )
+from tenantpool.fastapi.metrics import metrics_endpoint
+
+from ._dashboard import DASHBOARD_HTML
 from ._models import (
     DashboardStats,
     Note,
@@ -65,29 +66,36 @@ def create_app(
     ``max_connections`` connections in all.
     """
 
+    registry = Registry(admin_dsn, prefix=prefix, checkpoint=checkpoint)
+
+    def new_manager() -> TenantPoolManager:
+        # A new one at each startup: a closed manager cannot be started again.
+        return TenantPoolManager(
+            registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
+        )
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        registry = Registry(admin_dsn, prefix=prefix, checkpoint=checkpoint)
+    async def open_registry(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        # Runs inside manager_lifespan: the manager starts first and closes last.
         await registry.open()
         try:
-            manager = TenantPoolManager(
-                registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
+            logger.info(
+                "tenant registry in %s; at most %d connections",
+                redact_dsn(admin_dsn),
+                max_connections,
             )
-            async with manager:
-                logger.info(
-                    "tenant registry in %s; at most %d connections",
-                    redact_dsn(admin_dsn),
-                    max_connections,
-                )
-                yield {STATE_KEY: manager, REGISTRY_KEY: registry}
+            yield {REGISTRY_KEY: registry}
         finally:
             await registry.close()
 
     app = FastAPI(
         title="tenantpool demo",
         summary="Notes for many tenants, four ways to keep them apart, one connection cap.",
-        lifespan=lifespan,
+        lifespan=manager_lifespan(new_manager, open_registry),
     )
+    # The tenant of each request is its X-Tenant-ID header; no connection is taken until an
+    # endpoint asks for one (EndpointConnection).
+    app.add_middleware(TenantMiddleware)
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(TenantExists, _conflict)
@@ -104,7 +112,6 @@ def _registry(request: Request) -> Registry:
 
 
 RegistryDep = Annotated[Registry, Depends(_registry)]
-ManagerDep = Annotated[TenantPoolManager, Depends(manager_for)]
 
 
 router = APIRouter()
@@ -116,7 +123,7 @@ async def dashboard() -> HTMLResponse:
 
 
 @router.get("/api/stats")
-async def stats(manager: ManagerDep) -> DashboardStats:
+async def stats(manager: PoolManager) -> DashboardStats:
     """The dashboard's figures: the cap, connections overall and per pool, health."""
     report = await manager.health()
     figures = manager.stats()
@@ -143,7 +150,7 @@ async def create_tenant(body: TenantCreate, registry: RegistryDep) -> TenantCrea
 
 
 @router.get("/tenants/{tenant_id}")
-async def get_tenant(tenant_id: str, registry: RegistryDep, manager: ManagerDep) -> TenantDetail:
+async def get_tenant(tenant_id: str, registry: RegistryDep, manager: PoolManager) -> TenantDetail:
     """A tenant's isolation model, where its connections go, and its pool's figures."""
     tenant = await registry.get(validate_tenant_id(tenant_id))
     if tenant is None:
@@ -175,8 +182,8 @@ async def list_notes(conn: EndpointConnection, tenant: CurrentTenant) -> list[No
     return [Note(id=row["id"], body=row["body"], tenant=tenant) for row in rows]
 
 
-router.add_api_route("/health", health_endpoint, methods=["GET"], summary="Health")
-router.add_api_route("/metrics", metrics_endpoint(), methods=["GET"], summary="Prometheus metrics")
+router.add_route("/health", health_endpoint, methods=["GET"])
+router.add_route("/metrics", metrics_endpoint(), methods=["GET"])
 
 
 def _pool_figures(name: str, pool: Any) -> PoolFigures:
