@@ -77,9 +77,9 @@ def main() -> int:
         )
         stop.server = server
         logger.info("dashboard at http://%s:%d/", settings.host, settings.port)
-        server.run()
+        server.run()  # exits with 3 itself when the startup fails, having logged why
         if not server.started and not stop.requested:
-            return 1  # uvicorn has logged why (the port is taken, the database refused, ...)
+            return 1
         return 0
     except Exception as exc:
         logger.error("%s: %s", type(exc).__name__, exc)

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tenantpool import TenantPoolManager, UnknownTenant, redact_dsn, validate_tenant_id
+from tenantpool import PoolStats, TenantPoolManager, UnknownTenant, redact_dsn, validate_tenant_id
 from tenantpool.fastapi import (
     CurrentTenant,
     EndpointConnection,
@@ -186,7 +186,7 @@ router.add_route("/health", health_endpoint, methods=["GET"])
 router.add_route("/metrics", metrics_endpoint(), methods=["GET"])
 
 
-def _pool_figures(name: str, pool: Any) -> PoolFigures:
+def _pool_figures(name: str, pool: PoolStats) -> PoolFigures:
     return PoolFigures(
         name=name,
         size=pool.size,

@@ -20,6 +20,7 @@ import pytest
 from _demo import REPO_ROOT, DemoDatabase, DemoProcess, run_sync
 from _postgres import PostgresCluster, quote_ident
 
+from demo_api._local_postgres import free_port
 from demo_api._registry import ISOLATIONS
 
 pytestmark = pytest.mark.anyio
@@ -460,6 +461,19 @@ def test_readme_curl_lines_work(pg: PostgresCluster) -> None:
                 assert matches(response.json(), json.loads(expected)), (line, response.text)
     finally:
         run_sync(db.drop())
+
+
+# -- failing to start -------------------------------------------------------------------------
+
+
+def test_bad_settings_or_an_unreachable_server_end_the_demo_with_an_error() -> None:
+    with pytest.raises(RuntimeError, match=r"exited with 2:\ndemo_api: PORT must be an integer"):
+        DemoProcess({"PORT": "eighty"}).start()
+    url = f"postgresql://someone:hunter2-secret@127.0.0.1:{free_port()}/db"
+    with pytest.raises(RuntimeError, match="exited with [13]:") as failed:
+        DemoProcess({"DATABASE_URL": url}).start()
+    assert "Application startup failed" in str(failed.value)
+    assert "hunter2-secret" not in str(failed.value)
 
 
 # -- restart ------------------------------------------------------------------------------------
