@@ -470,7 +470,7 @@ def test_bad_settings_or_an_unreachable_server_end_the_demo_with_an_error() -> N
     with pytest.raises(RuntimeError, match=r"exited with 2:\ndemo_api: PORT must be an integer"):
         DemoProcess({"PORT": "eighty"}).start()
     url = f"postgresql://someone:hunter2-secret@127.0.0.1:{free_port()}/db"
-    with pytest.raises(RuntimeError, match="exited with [13]:") as failed:
+    with pytest.raises(RuntimeError, match=r"exited with [13]:") as failed:
         DemoProcess({"DATABASE_URL": url}).start()
     assert "Application startup failed" in str(failed.value)
     assert "hunter2-secret" not in str(failed.value)
