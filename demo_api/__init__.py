@@ -6,5 +6,29 @@ and its data folder), ``_credentials`` (passwords, DSNs), ``_registry`` (the ten
 provisioning, the resolver), ``_models`` (pydantic), ``_app`` (the FastAPI application, wired
 with ``tenantpool.fastapi``), ``_dashboard`` (the page at ``/``).
 
-Importing this package imports nothing heavy: the test suite uses ``_local_postgres`` alone.
+``create_app(admin_dsn, prefix=..., max_connections=...)`` builds the application (for
+benchmarks, or another server); importing the package itself imports nothing heavy.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["DemoSettings", "create_app"]
+
+if TYPE_CHECKING:
+    from ._app import create_app
+    from ._settings import DemoSettings
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing demo_api._local_postgres does not import FastAPI.
+    if name == "create_app":
+        from ._app import create_app
+
+        return create_app
+    if name == "DemoSettings":
+        from ._settings import DemoSettings
+
+        return DemoSettings
+    raise AttributeError(f"module 'demo_api' has no attribute {name!r}")
