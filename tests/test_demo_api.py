@@ -25,7 +25,7 @@ from demo_api._registry import ISOLATIONS
 
 pytestmark = pytest.mark.anyio
 
-README_SECTION = REPO_ROOT / "docs" / "demo-readme-section.md"
+README_SECTION = REPO_ROOT / "README.md"
 
 
 @pytest.fixture(scope="module")
