@@ -24,7 +24,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,10 +99,15 @@ def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
 class PostgresCluster:
     """A throwaway PostgreSQL cluster on 127.0.0.1 (or an external one via TENANTPOOL_TEST_DSN)."""
 
-    def __init__(self, external_dsn: str | None = None) -> None:
+    def __init__(
+        self, external_dsn: str | None = None, *, server_settings: Mapping[str, str] | None = None
+    ) -> None:
+        """``server_settings`` override the throwaway server's configuration (ignored for an
+        external server), e.g. ``{"max_connections": "100"}``."""
         if external_dsn is None:
             external_dsn = os.environ.get("TENANTPOOL_TEST_DSN") or None
         self.external: bool = external_dsn is not None
+        self.server_settings: dict[str, str] = dict(server_settings or {})
         self.host: str = "127.0.0.1"
         self.port: int = 0
         self.superuser: str = SUPERUSER
@@ -233,6 +238,7 @@ class PostgresCluster:
             "log_line_prefix": "'%m [%p] %q%u@%d '",
             "max_wal_size": "'1GB'",
             "checkpoint_timeout": "'30min'",
+            **self.server_settings,
         }
         self._server.write_conf("tenantpool_test.conf", settings)
 

@@ -1,0 +1,135 @@
+"""``python -m benchmarks [--quick] [--only NAME ...] [--rounds N] [--out DIR]``
+
+Starts a throwaway PostgreSQL cluster (the test suite's harness), runs every scenario with its
+contenders interleaved round by round, prints markdown tables of medians and ratios, and writes
+``report.md``, ``results.json`` and one PNG plot per scenario under the output folder
+(``benchmarks/results/``, or ``benchmarks/results/quick/`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ._harness import Context, PostgresCluster, Report
+
+SCENARIOS = ("checkout", "throughput", "many_tenants", "http", "reconnect", "memory", "cap_cost")
+HERE = Path(__file__).resolve().parent
+
+
+def machine(pg: PostgresCluster) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("asyncpg", "psycopg", "psycopg-pool", "fastapi", "uvicorn", "tenantpool"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "postgresql": pg.fetchval_sync("SHOW server_version"),
+        "postgresql_source": pg.source,
+        "packages": versions,
+    }
+
+
+def describe(info: dict[str, Any]) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v)
+    return (
+        f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB;"
+        f" {info['os']}; Python {info['python']}; PostgreSQL {info['postgresql']}"
+        f" ({info['postgresql_source']}, loopback TCP); {packages}"
+    )
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert report.plot is not None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    report.plot(ax)
+    ax.set_title(report.title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller runs, under 3 minutes")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="NAME")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3 quick, 7 full)")
+    parser.add_argument("--out", type=Path, help="output folder")
+    args = parser.parse_args(argv)
+
+    out = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = args.rounds or (3 if args.quick else 7)
+    names = args.only or list(SCENARIOS)
+    modules: list[ModuleType] = [importlib.import_module(f"benchmarks.{n}") for n in names]
+
+    reports: list[Report] = []
+    started = time.monotonic()
+    with PostgresCluster() as pg:
+        info = machine(pg)
+        print(f"Machine: {describe(info)}\n", flush=True)
+        ctx = Context(quick=args.quick, rounds=rounds, out_dir=out, shared=pg)
+        for name, module in zip(names, modules, strict=True):
+            t0 = time.monotonic()
+            print(f"## {module.TITLE} ...", file=sys.stderr, flush=True)
+            report: Report = module.run(ctx)
+            report.data["seconds"] = round(time.monotonic() - t0, 1)
+            reports.append(report)
+            print(report.markdown() + "\n", flush=True)
+            if report.plot is not None:
+                plot(report, out / f"{name}.png")
+
+    mode = "--quick" if args.quick else "full"
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    header = [
+        "# tenantpool benchmarks",
+        "",
+        f"Mode: {mode}, {rounds} rounds per scenario, {time.monotonic() - started:.0f} s in all."
+        f" Command: `{command}`.",
+        "",
+        f"Machine: {describe(info)}.",
+        "",
+    ]
+    body = "\n\n".join(r.markdown() for r in reports)
+    (out / "report.md").write_text("\n".join(header) + body + "\n")
+    payload = {
+        "mode": mode,
+        "rounds": rounds,
+        "machine": info,
+        "scenarios": {r.name: {"title": r.title, **r.data} for r in reports},
+        "goals": {r.name: [g.__dict__ for g in r.goals] for r in reports},
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"Wrote {out / 'report.md'}, results.json and plots in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
