@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {r.name: [g.__dict__ for g in r.goals] for r in reports},
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"Wrote {out / 'report.md'}, results.json and plots in {time.monotonic() - started:.0f} s")
+    elapsed = time.monotonic() - started
+    print(f"Wrote {out / 'report.md'}, results.json and plots in {elapsed:.0f} s")
     return 0
 
 

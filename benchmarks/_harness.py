@@ -27,13 +27,14 @@ __all__ = [
     "PostgresCluster",
     "Report",
     "cluster",
+    "for_duration",
     "interleave",
     "median",
     "percentile",
     "ratio",
     "table",
     "timed_loop",
-    "for_duration",
+    "wait_until",
 ]
 
 T = TypeVar("T")
@@ -128,6 +129,18 @@ async def for_duration(tasks: int, seconds: float, step: Callable[[], Awaitable[
 
     await asyncio.gather(*(loop() for _ in range(tasks)))
     return done
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float, what: str) -> float:
+    """Poll ``predicate`` until true; the seconds it took. Raises after ``limit`` seconds."""
+    started = time.perf_counter()
+    # Polling: what we wait for (a refill, a reap) happens on the library's own schedule and
+    # has no event to wait on from outside.
+    while not predicate():
+        if time.perf_counter() - started > limit:
+            raise TimeoutError(f"{what}: not reached after {limit:.0f} s")
+        await asyncio.sleep(0.01)
+    return time.perf_counter() - started
 
 
 def median(values: Sequence[float]) -> float:
