@@ -156,6 +156,8 @@ class Pool:
         self._closers: set[asyncio.Task[None]] = set()  # among _tasks: closes in flight
         self._closed = False
         self._drained = asyncio.Event()
+        # Set while the pool is below min_size and the backoff holds the next attempt back.
+        self._refill_timer: asyncio.TimerHandle | None = None
         self.checkouts = 0
         self.last_used = time.monotonic()
 
@@ -368,6 +370,7 @@ class Pool:
                 elif admission is Admission.PROBE:
                     self._backoff.probe_abandoned()
             self._slot_freed()
+            self._refill_when_allowed()
             if isinstance(exc, TenantPoolError):
                 raise
             if self._closed:
@@ -382,6 +385,10 @@ class Pool:
             raw.terminate()
             self._slot_freed()
             raise ManagerClosed("the manager is closed")
+        if admission is Admission.PROBE:
+            self._cancel_refill_timer()
+            # The target is back: the rest of min_size need not wait for the next tick.
+            self.refill()
         return PooledConnection(raw, self.settings, self._lifetime_draw())
 
     def _connect_failed(self, exc: Exception) -> None:
@@ -663,14 +670,60 @@ class Pool:
                 self._set_aside(conn, self._ping)
 
     def refill(self) -> None:
-        """Open connections up to ``min_size`` with free slots only: the cap wins."""
+        """Open connections up to ``min_size`` with free slots only: the cap wins.
+
+        While the target backs off, only the probe is opened, when the backoff lets it run.
+        """
         missing = self.settings.min_size - self.size
-        while (
-            missing > 0 and not self._closed and self._rejecting() is None and self._capacity.take()
-        ):
+        if missing <= 0 or self._closed:
+            return
+        if self._rejecting() is not None:
+            self._refill_when_allowed()
+            return
+        if self._backoff.backing_off:
+            # Any more would be turned away by the backoff; the probe's success fills the rest.
+            missing = 1
+        while missing > 0 and self._capacity.take():
             missing -= 1
             self._opening += 1
             self._track(asyncio.get_running_loop().create_task(self._refill_one()))
+
+    def _refill_when_allowed(self) -> None:
+        """Below min_size while backing off: refill at the moment the next attempt is due.
+
+        Left to the background task, the refill would wait for a tick: up to a whole
+        reap_interval after the delay is over, and every target cut off by one outage would
+        retry on the same tick, which defeats the backoff's jitter. At most one timer per pool;
+        none when min_size is 0 or a probe is in flight (its failure arms the next one).
+        """
+        backoff = self._backoff
+        if (
+            self._closed
+            or self.size >= self.settings.min_size
+            or not backoff.backing_off
+            or backoff.probing
+        ):
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + backoff.retry_after(time.monotonic())
+        timer = self._refill_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return  # it re-arms itself if it fires too early
+            timer.cancel()
+        self._refill_timer = loop.call_at(when, self._refill_due)
+
+    def _refill_due(self) -> None:
+        self._refill_timer = None
+        try:
+            self.refill()
+        except Exception:
+            logger.exception("tenantpool: refill failed for %s", self.name)
+
+    def _cancel_refill_timer(self) -> None:
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
 
     async def _refill_one(self) -> None:
         try:
@@ -688,6 +741,8 @@ class Pool:
             and not self._waiters
             and not self._tasks
             and not self._backoff.probing
+            # A pool promised min_size keeps trying to get there; the timer must not outlive it.
+            and self._refill_timer is None
         )
 
     # -- shutdown ----------------------------------------------------------------------------
@@ -695,6 +750,7 @@ class Pool:
     def begin_close(self) -> None:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
+        self._cancel_refill_timer()
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():

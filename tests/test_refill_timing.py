@@ -1,0 +1,196 @@
+"""Refill after an outage runs when the backoff allows the next attempt, not on the next tick.
+
+Every manager here has a reap_interval of 30 s, far longer than any test: whatever reconnects
+is the pool's own refill timer, never the background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import anyio
+import pytest
+from _postgres import PostgresCluster
+from _support import drained, tenant_dsn, until
+
+from tenantpool import PoolSettings, Target, TenantPoolManager, TenantUnavailable
+from tenantpool._pool import Pool
+
+pytestmark = pytest.mark.anyio
+
+NEVER_TICKS = 30.0
+
+
+class Refuser:
+    """A TCP port that counts connection attempts and drops each at once."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Refuser:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def dsn(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"postgresql://x@127.0.0.1:{port}/app"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.attempts += 1
+        writer.close()
+
+
+async def knock(manager: TenantPoolManager, tenant: str) -> None:
+    with pytest.raises(TenantUnavailable):
+        async with manager.with_connection(tenant):
+            pass
+
+
+def only_pool(manager: TenantPoolManager) -> Pool:
+    (pool,) = manager._pools.values()
+    return pool
+
+
+async def test_a_pool_below_min_size_retries_on_its_own_timer_until_closed() -> None:
+    async with Refuser() as down:
+        manager = TenantPoolManager(
+            {"down": Target(down.dsn)},
+            pool=PoolSettings(min_size=1),
+            reap_interval=NEVER_TICKS,
+            reconnect_delay=0.02,
+            reconnect_delay_max=0.1,
+        )
+        async with manager:
+            await knock(manager, "down")
+            # Delays of at most 0.1 s: a dozen rounds in 1.2 s, none of them from a tick.
+            await until(lambda: down.attempts >= 5, 1.2)
+            pool = only_pool(manager)
+            await until(lambda: not pool._tasks)  # between two attempts
+            assert pool._refill_timer is not None
+            # Empty and unused, but still trying to reach min_size: not to be forgotten.
+            assert not pool.forgettable(time.monotonic() + 1000, 1)
+        assert pool._refill_timer is None
+        assert pool.forgettable(time.monotonic() + 1000, 1)
+        attempts = down.attempts
+        await anyio.sleep(0.3)
+        assert down.attempts == attempts, "a closed pool kept reconnecting"
+
+
+async def test_no_refill_timer_without_min_size() -> None:
+    async with Refuser() as down:
+        async with TenantPoolManager(
+            {"down": Target(down.dsn)},
+            reap_interval=NEVER_TICKS,
+            reconnect_delay=0.02,
+            reconnect_delay_max=0.05,
+        ) as manager:
+            await knock(manager, "down")
+            pool = only_pool(manager)
+            assert pool._refill_timer is None
+            await anyio.sleep(0.3)
+            assert down.attempts == 1
+            assert pool.forgettable(time.monotonic() + 1000, 1)
+
+
+async def test_once_the_probe_is_through_the_rest_of_min_size_follows_at_once(
+    restartable_pg: PostgresCluster, login_dsn: str
+) -> None:
+    pg = restartable_pg
+    async with TenantPoolManager(
+        {"acme": Target(login_dsn)},
+        pool=PoolSettings(min_size=3, connect_timeout=2),
+        reap_interval=NEVER_TICKS,
+        reconnect_delay=0.05,
+        reconnect_delay_max=0.2,
+    ) as manager:
+        async with manager.with_connection("acme"):
+            pass
+        assert manager.stats().total == 1  # below min_size, and no tick to refill it
+        await anyio.to_thread.run_sync(pg.stop)
+        await knock(manager, "acme")
+        await anyio.to_thread.run_sync(pg.start_again)
+        await until(lambda: manager.stats().idle == 3, 3)
+        assert not manager.stats().backing_off
+
+
+async def test_after_a_restart_min_size_is_refilled_at_each_pools_own_jittered_time(
+    restartable_pg: PostgresCluster, login: tuple[str, str], login_dsn: str
+) -> None:
+    pg = restartable_pg
+    n = 8
+    settings = PoolSettings(min_size=1, connect_timeout=2)
+
+    tenants = {prefix: [f"{prefix}{i}" for i in range(n)] for prefix in ("j", "s")}
+
+    def manager(prefix: str, *, jitter: bool) -> TenantPoolManager:
+        targets = {t: Target(tenant_dsn(login_dsn, t)) for t in tenants[prefix]}
+        return TenantPoolManager(
+            targets,
+            pool=settings,
+            reap_interval=NEVER_TICKS,
+            reconnect_delay=0.1,
+            reconnect_delay_max=0.8,
+            reconnect_jitter=jitter,
+        )
+
+    async with manager("j", jitter=True) as jittered, manager("s", jitter=False) as steady:
+        both = (jittered, steady)
+        for m, prefix in zip(both, tenants, strict=True):
+            for tenant in tenants[prefix]:
+                async with m.with_connection(tenant):
+                    pass
+        assert [m.stats().idle for m in both] == [n, n]
+
+        await anyio.to_thread.run_sync(pg.stop)
+        # Each checkout finds its dead connection and starts its pool's backoff.
+        for m, prefix in zip(both, tenants, strict=True):
+            for tenant in tenants[prefix]:
+                await knock(m, tenant)
+        await anyio.sleep(1.0)
+        # Retries went on with the server down, though no tick ran.
+        assert all(m.stats().connect_errors > n for m in both)
+
+        await anyio.to_thread.run_sync(pg.start_again)
+        back = time.monotonic()
+
+        def refilled() -> bool:
+            return all(m.stats().idle == n and not m.stats().backing_off for m in both)
+
+        # The largest delay is 0.8 s; the next tick would be 30 s away.
+        await until(refilled, 5)
+        assert time.monotonic() - back < 3
+        for m in both:
+            await drained(m)
+        rows = await pg.fetch(
+            "SELECT application_name, backend_start - pg_postmaster_start_time() AS after"
+            " FROM pg_stat_activity WHERE usename = $1",
+            login[0],
+        )
+
+    starts: dict[str, list[float]] = {"j": [], "s": []}
+    for row in rows:
+        after: timedelta = row["after"]
+        starts[row["application_name"][0]].append(after.total_seconds())
+    # One backend per pool: only the successful probe of each, nothing on top.
+    assert [len(starts["j"]), len(starts["s"])] == [n, n]
+    spread = {k: max(v) - min(v) for k, v in starts.items()}
+    print(
+        f"\nbackend starts after the server started (s): jittered"
+        f" {sorted(round(s, 3) for s in starts['j'])}, steady"
+        f" {sorted(round(s, 3) for s in starts['s'])}"
+    )
+    # Jittered pools each probe at their own time; without jitter they probe together (their
+    # backoffs began a few ms apart), as every pool did on the tick before refill had a timer.
+    assert len(set(starts["j"])) == n
+    assert spread["j"] >= 0.1
+    assert spread["j"] > 2 * spread["s"]
