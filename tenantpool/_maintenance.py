@@ -30,6 +30,7 @@ POOL_DUTIES: tuple[tuple[str, PoolDuty], ...] = (
     ("recycle", lambda pool, now: pool.recycle(now)),
     ("keepalive", lambda pool, now: pool.keepalive(now)),
     ("refill", lambda pool, now: pool.refill()),
+    ("watchdog", lambda pool, now: pool.watchdog(now)),
 )
 
 

@@ -75,9 +75,9 @@ class PooledConnection:
 class _Waiter:
     """A checkout waiting for a connection of its pool or for a slot under the cap."""
 
-    __slots__ = ("future", "pool", "queued", "since", "state")
+    __slots__ = ("deadline", "future", "pool", "queued", "since", "state")
 
-    def __init__(self, pool: Pool, state: SessionState) -> None:
+    def __init__(self, pool: Pool, state: SessionState, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         # The result is an idle connection handed over, or the task opening one for it.
         self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
@@ -87,6 +87,7 @@ class _Waiter:
         self.state = state
         self.queued = False  # in the capacity's queue, waiting for a slot
         self.since = loop.time()
+        self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
 
 
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
@@ -145,7 +146,8 @@ class Pool:
         self._idle_by_state: dict[SessionState, dict[PooledConnection, None]] = {}
         self._in_use: set[PooledConnection] = set()
         self._opening = 0
-        self._releasing = 0
+        # Connections being reset or pinged, with when that began (for the watchdog).
+        self._aside: dict[PooledConnection, float] = {}
         self._closing = 0
         # Checkouts in arrival order; a dict so that any of them leaves in O(1).
         self._waiters: dict[_Waiter, None] = {}
@@ -158,6 +160,8 @@ class Pool:
         self._drained = asyncio.Event()
         # Set while the pool is below min_size and the backoff holds the next attempt back.
         self._refill_timer: asyncio.TimerHandle | None = None
+        # Due at the earliest deadline among the waiters: one timer per pool, not per wait.
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self.checkouts = 0
         self.last_used = time.monotonic()
 
@@ -166,7 +170,9 @@ class Pool:
     @property
     def size(self) -> int:
         """Every connection of this pool: in use, idle, opening, being reset or closed."""
-        return len(self._idle) + len(self._in_use) + self._opening + self._releasing + self._closing
+        return (
+            len(self._idle) + len(self._in_use) + self._opening + len(self._aside) + self._closing
+        )
 
     @property
     def backing_off(self) -> bool:
@@ -188,7 +194,7 @@ class Pool:
             min_size=self.settings.min_size,
             max_size=self.settings.max_size,
             opening=self._opening,
-            releasing=self._releasing,
+            releasing=len(self._aside),
             closing=self._closing,
             checkouts=self.checkouts,
             backing_off=self._backoff.backing_off,
@@ -200,7 +206,7 @@ class Pool:
         return (
             f"<Pool {self.name!r} | Requests: {len(self._in_use)} active,"
             f" {len(self._waiters)} queued | Connections: {self.size} of {self.settings.max_size}"
-            f" ({len(self._idle)} idle, {self._opening} opening, {self._releasing} releasing,"
+            f" ({len(self._idle)} idle, {self._opening} opening, {len(self._aside)} releasing,"
             f" {self._closing} closing){state}>"
         )
 
@@ -256,16 +262,19 @@ class Pool:
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state)
+        waiter = _Waiter(self, state, deadline)
         self._waiters[waiter] = None
         self._dispatch()
+        timer = self._expiry_timer
+        if not waiter.future.done() and (timer is None or timer.when() > deadline):
+            if timer is not None:
+                timer.cancel()
+            self._expiry_timer = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
-            async with asyncio.timeout_at(deadline):
-                granted = await waiter.future
-        except BaseException as exc:
+            # The waiter's deadline is enforced by _expire, which fails it with PoolTimeout.
+            granted = await waiter.future
+        except BaseException:
             self._abandon(waiter)
-            if isinstance(exc, TimeoutError) and not isinstance(exc, TenantPoolError):
-                raise self._timed_out() from None
             raise
         if isinstance(granted, PooledConnection):
             return granted
@@ -287,6 +296,32 @@ class Pool:
         future.cancel()
         if waiter in self._waiters:
             self._forget_waiter(waiter)
+            self._dispatch()
+
+    def _expire(self) -> None:
+        """Fail the waiters whose deadline has passed; re-arm for the earliest one left.
+
+        Waiters of a pool share one ``acquire_timeout``, so deadlines mostly follow arrival
+        order and the timer fires about once per timeout, whatever the checkout rate.
+        """
+        self._expiry_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest: float | None = None
+        expired = False
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                continue
+            if waiter.deadline <= now:
+                self._forget_waiter(waiter)
+                waiter.future.set_exception(self._timed_out())
+                expired = True
+            elif earliest is None or waiter.deadline < earliest:
+                earliest = waiter.deadline
+        if earliest is not None and not self._closed:
+            self._expiry_timer = loop.call_at(earliest, self._expire)
+        if expired:
+            # A waiter gone from the capacity's queue can let one behind it proceed.
             self._dispatch()
 
     def _timed_out(self) -> PoolTimeout:
@@ -473,14 +508,15 @@ class Pool:
 
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
-        timeout = self.settings.connect_timeout
-        await _session.settle(raw, budget=timeout)
+        await _session.settle(raw, budget=self.settings.connect_timeout)
         for deallocate in (False, True):
             script = _session.reset_script(
                 conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
             )
             try:
-                await raw.execute(script, timeout=timeout)
+                # No timeout here: a timer per release costs more than the query's own client
+                # work. A reset that hangs is cut off by the watchdog instead.
+                await raw.execute(script)
                 break
             except _session.PreparedStatementsLeft:
                 if deallocate:
@@ -489,13 +525,13 @@ class Pool:
             conn.applied = ()
 
     async def _ping(self, conn: PooledConnection) -> None:
-        await conn.raw.execute("SELECT 1", timeout=self.settings.connect_timeout)
+        await conn.raw.execute("SELECT 1")  # bounded by the watchdog, as resets are
 
     def _set_aside(
         self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
-        self._releasing += 1
+        self._aside[conn] = time.monotonic()
         self._track(asyncio.get_running_loop().create_task(self._tend(conn, work)))
 
     async def _tend(
@@ -514,7 +550,7 @@ class Pool:
                 self._scrub(exc) or type(exc).__name__,
             )
         finally:
-            self._releasing -= 1
+            del self._aside[conn]
             conn.last_checked = time.monotonic()
             if ok:
                 self._make_idle(conn)
@@ -560,7 +596,7 @@ class Pool:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
         _carry_out(self._capacity, self._capacity.closed())
         self._dispatch()
-        if self._closed and not self._in_use and not self._releasing:
+        if self._closed and not self._in_use and not self._aside:
             self._drained.set()
 
     def _forget_waiter(self, waiter: _Waiter) -> None:
@@ -633,9 +669,9 @@ class Pool:
 
     @property
     def needs_upkeep(self) -> bool:
-        """Whether any duty has something to do: every duty looks at idle connections only,
+        """Whether any duty has something to do: they look at idle and set-aside connections,
         but refill. Lets a sweep over many thousands of empty pools stay cheap."""
-        return bool(self._idle) or self.size < self.settings.min_size
+        return bool(self._idle) or bool(self._aside) or self.size < self.settings.min_size
 
     def reap(self, now: float) -> None:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
@@ -668,6 +704,23 @@ class Pool:
             if now - max(conn.last_used, conn.last_checked) >= interval:
                 self._remove_idle(conn)
                 self._set_aside(conn, self._ping)
+
+    def watchdog(self, now: float) -> None:
+        """Terminate connections whose reset or ping has run past ``connect_timeout``.
+
+        A server that stops answering must not keep them set aside forever; terminated, the
+        work fails and the connection is discarded, which frees its slot.
+        """
+        limit = self.settings.connect_timeout
+        for conn, since in list(self._aside.items()):
+            if now - since > limit and not conn.raw.is_closed():
+                logger.warning(
+                    "tenantpool: terminating a connection of %s: its reset or ping took over"
+                    " %.1f s",
+                    self.name,
+                    limit,
+                )
+                conn.raw.terminate()
 
     def refill(self) -> None:
         """Open connections up to ``min_size`` with free slots only: the cap wins.
@@ -751,6 +804,9 @@ class Pool:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
         self._cancel_refill_timer()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
@@ -762,7 +818,7 @@ class Pool:
         for conn in list(self._idle):
             self._remove_idle(conn)
             self._discard(conn)
-        if self._in_use or self._releasing:
+        if self._in_use or self._aside:
             try:
                 async with asyncio.timeout(grace):
                     await self._drained.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import anyio
@@ -194,4 +196,31 @@ async def test_a_dead_background_task_makes_health_failing(
         # Checkouts still work: upkeep is lost, service is not.
         async with manager.with_connection("acme") as conn:
             assert await conn.fetchval("SELECT 1") == 1
+        await drained(manager)
+
+
+async def test_a_reset_the_server_never_answers_is_cut_off(
+    login_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog terminates a connection stuck in its reset, so the slot comes back."""
+    settings = quiet(connect_timeout=0.3, max_size=1)
+    async with TenantPoolManager(
+        {"acme": Target(login_dsn)}, pool=settings, reap_interval=0.05
+    ) as manager:
+        async with manager.with_connection("acme") as conn:
+            frozen = conn.get_server_pid()
+            await conn.execute("SET work_mem = '8MB'")  # dirty: the release resets it
+            os.kill(frozen, signal.SIGSTOP)  # the backend stops answering
+        try:
+            assert manager.stats().pools[next(iter(manager.stats().pools))].releasing == 1
+            with caplog.at_level(logging.WARNING, logger="tenantpool"):
+                started = time.monotonic()
+                async with manager.with_connection("acme") as conn:
+                    assert conn.get_server_pid() != frozen
+                waited = time.monotonic() - started
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        # Cut off after connect_timeout plus a sweep, not at acquire_timeout (10 s).
+        assert 0.3 <= waited < 2.0
+        assert any("reset or ping took over 0.3 s" in r.getMessage() for r in caplog.records)
         await drained(manager)

@@ -164,6 +164,29 @@ async def test_acquire_timeout_raises_pool_timeout(pg: PostgresCluster) -> None:
             assert await conn.fetchval("SELECT 1") == 1
 
 
+async def test_each_waiter_times_out_at_its_own_deadline(pg: PostgresCluster) -> None:
+    """One timer per pool serves every waiter's deadline, in turn, none early, none late."""
+    settings = PoolSettings(max_size=1, acquire_timeout=0.3)
+    async with TenantPoolManager(shared(pg.dsn(), "acme"), pool=settings) as manager:
+        timed_out: dict[int, float] = {}
+
+        async def wait(i: int, started: float) -> None:
+            with pytest.raises(PoolTimeout):
+                async with manager.with_connection("acme"):
+                    pass
+            timed_out[i] = time.monotonic() - started
+
+        async with manager.with_connection("acme"):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(wait, i, time.monotonic())
+                    await anyio.sleep(0.1)
+        for i in range(3):
+            assert 0.29 <= timed_out[i] < 0.3 + 0.5, timed_out
+        assert manager.stats().waiting == 0
+        assert manager.stats().timeouts == 3
+
+
 async def test_connect_errors_are_tenant_unavailable_without_secrets(
     pg: PostgresCluster, login: str
 ) -> None:
