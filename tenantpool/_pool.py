@@ -51,6 +51,7 @@ class PooledConnection:
         "close_on_release",
         "created_at",
         "expires_at",
+        "guard_ready",
         "last_checked",
         "last_used",
         "raw",
@@ -70,6 +71,7 @@ class PooledConnection:
         # The session state the connection carries; None when unknown (it must be reset).
         self.applied: SessionState | None = ()
         self.close_on_release = False
+        self.guard_ready = False  # the reset's prepared-statement guard is prepared on it
 
 
 class _Waiter:
@@ -511,7 +513,10 @@ class Pool:
         await _session.settle(raw, budget=self.settings.connect_timeout)
         for deallocate in (False, True):
             script = _session.reset_script(
-                conn.applied, in_transaction=raw.is_in_transaction(), deallocate=deallocate
+                conn.applied,
+                in_transaction=raw.is_in_transaction(),
+                guard_ready=conn.guard_ready,
+                deallocate=deallocate,
             )
             try:
                 # No timeout here: a timer per release costs more than the query's own client
@@ -521,6 +526,7 @@ class Pool:
             except _session.PreparedStatementsLeft:
                 if deallocate:
                     raise
+        conn.guard_ready = True
         if conn.applied is None:
             conn.applied = ()
 

@@ -14,6 +14,7 @@ Two paths, each one round trip:
 from __future__ import annotations
 
 import functools
+import secrets
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ import asyncpg
 from ._settings import SessionState
 
 __all__ = [
+    "GUARD",
     "PreparedStatementsLeft",
     "apply_state",
     "forget_client_state",
@@ -30,13 +32,13 @@ __all__ = [
 ]
 
 # Order matters: SET SESSION AUTHORIZATION DEFAULT before RESET ROLE and RESET ALL, because
-# ``role`` and ``session_authorization`` are exempt from RESET ALL. DISCARD TEMP / SEQUENCES
-# instead of DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements, and it
-# cannot run in the implicit transaction of a multi-statement query.
+# ``role`` and ``session_authorization`` are exempt from RESET ALL; the tenant's settings come
+# last, in the one SELECT that also drops advisory locks. DISCARD TEMP / SEQUENCES instead of
+# DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements, and it cannot run in
+# the implicit transaction of a multi-statement query.
 _CLEAN = (
     "CLOSE ALL;"
     "UNLISTEN *;"
-    "SELECT pg_catalog.pg_advisory_unlock_all();"
     "SET SESSION AUTHORIZATION DEFAULT;"
     "RESET ROLE;"
     "RESET ALL;"
@@ -45,15 +47,24 @@ _CLEAN = (
 )
 # Statements user code PREPAREd in SQL must go, asyncpg's own must stay. Deallocating them
 # takes a DO block (~80 us of server time), so the usual script only checks: the guard divides
-# by zero, failing the whole script, exactly when such a statement exists.
-_PREPARED_GUARD = (
-    "SELECT 1 / (NOT from_sql)::int FROM pg_catalog.pg_prepared_statements WHERE from_sql;"
+# by zero, failing the whole script, exactly when such a statement exists. Planning the check
+# costs more than running it, so it is itself prepared, once per connection, under a name no
+# user code picks by accident. User code that deallocates it (DEALLOCATE ALL, DISCARD ALL)
+# has likely dropped asyncpg's statements too: the reset then fails and the connection, its
+# state unknown, is closed.
+GUARD = "tenantpool_guard_" + secrets.token_hex(6)
+_PREPARE_GUARD = (
+    f"PREPARE {GUARD} AS SELECT 1 / (NOT from_sql)::int"
+    f" FROM pg_catalog.pg_prepared_statements WHERE from_sql AND name <> '{GUARD}';"
 )
+_RUN_GUARD = f"EXECUTE {GUARD};"
 _DEALLOCATE_SQL_PREPARED = (
     "DO $tenantpool$DECLARE s record; BEGIN"
     " FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP"
     " EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(s.name); END LOOP; END$tenantpool$;"
 )
+# The reset script fails with this when the guard found statements to deallocate; the
+# deallocating path then runs.
 PreparedStatementsLeft = asyncpg.DivisionByZeroError
 
 
@@ -71,25 +82,29 @@ def quote_literal(value: str) -> str:
 # Cached: every dirty release of a tenant's connection needs the same text. Bounded, because
 # a service may see far more tenants over time than it serves at once.
 @functools.lru_cache(maxsize=4096)
-def _set_config_sql(pairs: SessionState) -> str:
-    calls = ", ".join(
-        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+def _final_select(pairs: SessionState) -> str:
+    calls = "".join(
+        f", pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
         for name, value in pairs
     )
-    return f"SELECT {calls};"
+    return f"SELECT pg_catalog.pg_advisory_unlock_all(){calls};"
 
 
-def reset_script(state: SessionState | None, *, in_transaction: bool, deallocate: bool) -> str:
+def reset_script(
+    state: SessionState | None, *, in_transaction: bool, guard_ready: bool, deallocate: bool
+) -> str:
     """The script that cleans a connection and, if ``state`` is known, re-applies it.
 
     Without ``deallocate`` it raises ``PreparedStatementsLeft`` if user code left SQL-level
-    prepared statements; run it again with ``deallocate=True`` then.
+    prepared statements; run it again with ``deallocate=True`` then. Both leave the guard
+    prepared (it is prepared first unless ``guard_ready``).
     """
     script = "ROLLBACK;" if in_transaction else ""
-    script += (_DEALLOCATE_SQL_PREPARED if deallocate else _PREPARED_GUARD) + _CLEAN
-    if state:
-        script += _set_config_sql(state)
-    return script
+    if deallocate:
+        script += _DEALLOCATE_SQL_PREPARED + _PREPARE_GUARD
+    else:
+        script += _RUN_GUARD if guard_ready else _PREPARE_GUARD + _RUN_GUARD
+    return script + _CLEAN + _final_select(state or ())
 
 
 @functools.cache  # keyed by the number of settings: a handful of entries

@@ -25,23 +25,25 @@ from tenantpool import (
     TenantPoolManager,
     TenantUnavailable,
 )
+from tenantpool._session import GUARD
 
 pytestmark = pytest.mark.anyio
 
 # Everything the session can show about leftovers of an earlier scope, in one round trip.
-LEFTOVERS_SQL = """
+LEFTOVERS_SQL = f"""
 SELECT
     current_user::text AS current_user,
     session_user::text AS session_user,
     (SELECT count(*) FROM pg_catalog.pg_class c
       WHERE c.relnamespace = pg_catalog.pg_my_temp_schema()) AS temp_relations,
-    (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) AS sql_prepared,
+    (SELECT count(*) FROM pg_catalog.pg_prepared_statements
+      WHERE from_sql AND name <> '{GUARD}') AS sql_prepared,
     (SELECT count(*) FROM pg_catalog.pg_listening_channels()) AS listening_channels,
     (SELECT count(*) FROM pg_catalog.pg_locks
       WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) AS advisory_locks,
     (SELECT count(*) FROM pg_catalog.pg_cursors) AS cursors,
     pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL AS xid_assigned
-"""
+"""  # the reset's own prepared check, like asyncpg's statements, stays
 STATE_OF_PID_SQL = "SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = $1"
 SETTINGS_SQL = "SELECT name, setting, source FROM pg_catalog.pg_settings ORDER BY name"
 
@@ -293,6 +295,44 @@ async def test_type_codec_set_in_a_scope_does_not_reach_the_next_tenant(
             assert (await conn.fetchval("""SELECT '{"a": 1}'::json"""))["decoded_by"] == "acme"
         async with manager.with_connection("globex") as conn:
             assert await conn.fetchval("""SELECT '{"a": 1}'::json""") == expected
+
+
+@pytest.mark.parametrize(
+    ("tamper", "same_backend"),
+    [
+        ("PREPARE iso_user_stmt AS SELECT 1", True),
+        # These also drop the guard (and, but for the last, asyncpg's own statements): the
+        # connection's state is unknown then, so it is closed rather than reused.
+        ("DEALLOCATE ALL", False),
+        ("DISCARD ALL", False),
+        (f"DEALLOCATE {GUARD}", False),
+    ],
+)
+async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it(
+    pg: PostgresCluster, tamper: str, same_backend: bool
+) -> None:
+    """The reset's guard is prepared once per connection; whatever user code does to it, the
+    next scope finds no statement of the user's, a guard in working order, and a working
+    connection."""
+    count_sql = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql AND name <> $1"
+    async with shared_pool_manager({"acme": Target(pg.dsn())}) as manager:
+        async with manager.with_connection("acme") as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SET work_mem = '9MB'")  # dirty: reset, guard prepared
+        async with manager.with_connection("acme") as conn:
+            assert conn.get_server_pid() == pid
+            await conn.execute(tamper)
+        async with manager.with_connection("acme") as conn:
+            assert (conn.get_server_pid() == pid) is same_backend
+            assert await conn.fetchval(count_sql, GUARD) == 0
+            await conn.execute("SET work_mem = '9MB'")
+        async with manager.with_connection("acme") as conn:
+            statement = await conn.fetchval(
+                "SELECT statement FROM pg_prepared_statements WHERE name = $1", GUARD
+            )
+            assert f"PREPARE {GUARD} AS SELECT 1 / (NOT from_sql)" in statement
+            assert await conn.fetchval("SHOW work_mem") != "9MB"
+        await drained(manager)
 
 
 # --------------------------------------------------------------------------- 2. released at once
@@ -624,7 +664,8 @@ async def test_hostile_schema_role_and_setting_values_never_execute_sql(
                         else:
                             assert (
                                 await conn.fetchval(
-                                    "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+                                    "SELECT count(*) FROM pg_prepared_statements"
+                                    f" WHERE from_sql AND name <> '{GUARD}'"
                                 )
                                 == 0
                             )
