@@ -49,6 +49,7 @@ class Backoff:
     __slots__ = (
         "_delay",
         "_failures",
+        "_hurried",
         "_probing",
         "_retry_at",
         "_rng",
@@ -85,6 +86,7 @@ class Backoff:
         self._since: float | None = None
         self._delay = 0.0
         self._probing = False
+        self._hurried = False  # this round's wait was already brought forward
 
     @property
     def failures(self) -> int:
@@ -130,6 +132,7 @@ class Backoff:
         self._since = None
         self._delay = 0.0
         self._probing = False
+        self._hurried = False
 
     def failed(self, now: float) -> float:
         """A connect failed; returns the seconds until a probe may run.
@@ -149,9 +152,28 @@ class Backoff:
             self._delay = min(bound, self.floor + draw * (bound - self.floor))
             self._retry_at = now + self._delay
             self._probing = False
+            self._hurried = False
             # Not retry_after(now): (now + delay) - now can round to just below the floor.
             return self._delay
         return self.retry_after(now)
+
+    def hurry(self, now: float, within: float) -> bool:
+        """Another target of the same server just got through: retry within ``within`` s.
+
+        The wait drawn for a long outage can run seconds past the server's return; once one
+        target sees it back, the others need not sit out their full delays. Each draws its
+        moment afresh, uniformly over the window, so that they return spread evenly rather than
+        in a herd (keeping the earlier of old and new would crowd the window's start). Once a
+        round: every neighbour's return would otherwise draw again. Returns whether the wait
+        was redrawn; nothing changes while healthy or while a probe is out.
+        """
+        if self._retry_at is None or self._probing or self._hurried:
+            return False
+        self._hurried = True
+        draw = min(max(self._rng(), 0.0), 1.0)
+        within = min(within, self.cap)  # no wait longer than the backoff would ever draw
+        self._retry_at = now + self.floor + draw * max(within - self.floor, 0.0)
+        return True
 
     def probe_abandoned(self) -> None:
         """The probe was cancelled before it learned anything: let the next caller probe.

@@ -29,7 +29,7 @@ POOL_DUTIES: tuple[tuple[str, PoolDuty], ...] = (
     ("reap", lambda pool, now: pool.reap(now)),
     ("recycle", lambda pool, now: pool.recycle(now)),
     ("keepalive", lambda pool, now: pool.keepalive(now)),
-    ("refill", lambda pool, now: pool.refill()),
+    ("refill", lambda pool, now: pool.upkeep_refill()),
     ("watchdog", lambda pool, now: pool.watchdog(now)),
 )
 

@@ -19,13 +19,17 @@ from ._health import HealthReport, assess
 from ._maintenance import Maintenance
 from ._pool import Pool, SharedCapacity
 from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
-from ._settings import PoolSettings, Target, redact_dsn
+from ._settings import PoolSettings, Target, redact_dsn, server_address
 from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
 __all__ = ["TenantPoolManager"]
 
 InitCallback = Callable[[asyncpg.Connection], Awaitable[None]]
+
+# Seconds over which the pools of a server that is back spread their next attempt: 200 pools
+# make about 20 connects per 100 ms, and all are back about a second after the first.
+SERVER_BACK_WINDOW = 1.0
 
 
 class TenantPoolManager:
@@ -174,9 +178,26 @@ class TenantPoolManager:
                 counters=self._counters,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
                 lifetime_draw=random.random,
+                server=server_address(target.dsn),
+                # Without jitter every target keeps to its own plain exponential schedule.
+                on_back=self._server_back if jitter else None,
+                refill_spread=self._refill_spread if jitter else None,
             )
             self._pools[target.pool_key] = pool
         return pool
+
+    def _refill_spread(self) -> float:
+        return random.random() * self.reap_interval
+
+    def _server_back(self, back: Pool) -> None:
+        """``back`` just reached its server after an outage: its neighbours may retry soon.
+
+        Their own backoff may have drawn waits of many seconds; each now draws a moment within
+        the next ``SERVER_BACK_WINDOW`` instead, so they return soon but not in a herd.
+        """
+        for pool in self._pools.values():
+            if pool is not back and pool.backing_off and pool.server == back.server:
+                pool.hurry(SERVER_BACK_WINDOW)
 
     def _forget_unused(self, now: float) -> None:
         """Drop pools that hold nothing and went unused for ``forget_after`` seconds.

@@ -132,8 +132,14 @@ class Pool:
         counters: Counters,
         backoff: Backoff,
         lifetime_draw: Callable[[], float],
+        server: str = "",
+        on_back: Callable[[Pool], None] | None = None,
+        refill_spread: Callable[[], float] | None = None,
     ) -> None:
         self.name = name
+        self.server = server  # where it connects: pools of one server hear of its return
+        self._on_back = on_back
+        self._refill_spread = refill_spread
         self.settings = settings
         self._connect = connect
         self._secrets = secrets
@@ -160,7 +166,7 @@ class Pool:
         self._closers: set[asyncio.Task[None]] = set()  # among _tasks: closes in flight
         self._closed = False
         self._drained = asyncio.Event()
-        # Set while the pool is below min_size and the backoff holds the next attempt back.
+        # A refill put off: while the backoff holds the next attempt back, or spread out.
         self._refill_timer: asyncio.TimerHandle | None = None
         # Due at the earliest deadline among the waiters: one timer per pool, not per wait.
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -426,6 +432,8 @@ class Pool:
             self._cancel_refill_timer()
             # The target is back: the rest of min_size need not wait for the next tick.
             self.refill()
+            if self._on_back is not None:
+                self._on_back(self)
         return PooledConnection(raw, self.settings, self._lifetime_draw())
 
     def _connect_failed(self, exc: Exception) -> None:
@@ -746,6 +754,25 @@ class Pool:
             missing -= 1
             self._opening += 1
             self._track(asyncio.get_running_loop().create_task(self._refill_one()))
+
+    def upkeep_refill(self) -> None:
+        """The background task's refill: at a random moment before the next tick.
+
+        Run at once, every pool that lost its connections to a quick server restart would
+        reconnect on the same tick; spread over the interval they arrive a few at a time.
+        """
+        if self._refill_timer is not None or self.size >= self.settings.min_size:
+            return
+        delay = 0.0 if self._refill_spread is None else self._refill_spread()
+        if delay <= 0:
+            self.refill()
+        else:
+            self._refill_timer = asyncio.get_running_loop().call_later(delay, self._refill_due)
+
+    def hurry(self, within: float) -> None:
+        """Its server is back (another pool got through): retry within ``within`` seconds."""
+        if self._backoff.hurry(time.monotonic(), within):
+            self._refill_when_allowed()
 
     def _refill_when_allowed(self) -> None:
         """Below min_size while backing off: refill at the moment the next attempt is due.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["PoolSettings", "SessionState", "Target", "redact_dsn"]
+__all__ = ["PoolSettings", "SessionState", "Target", "redact_dsn", "server_address"]
 
 # The session state a checkout applies: ordered (setting, value) pairs for set_config().
 SessionState = tuple[tuple[str, str], ...]
@@ -151,3 +151,21 @@ def redact_dsn(dsn: str) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, v) for k, v in pairs if k.lower() not in _SECRET_QUERY_KEYS])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def server_address(dsn: str) -> str:
+    """Where ``dsn`` connects (hosts and ports), without user, database or options.
+
+    Pools whose DSNs share it share a server: when one of them finds the server back after an
+    outage, the others need not wait out their own backoff.
+    """
+    parts = urlsplit(dsn)
+    if not parts.scheme or not dsn.startswith(f"{parts.scheme}://"):
+        pairs = re.findall(r"\b(host|hostaddr|port)\s*=\s*('(?:[^'\\]|\\.)*'|\S*)", dsn)
+        found = dict(pairs)
+        return f"{found.get('hostaddr') or found.get('host', '')}:{found.get('port', '')}"
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    query = {k.lower(): v for k, v in parse_qsl(parts.query)}
+    if "host" in query or "port" in query:
+        hosts = f"{query.get('host', hosts)}:{query.get('port', '')}"
+    return hosts

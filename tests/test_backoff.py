@@ -228,6 +228,45 @@ def test_targets_are_independent() -> None:
     assert down.failures == 5
 
 
+def test_hurry_brings_a_long_wait_forward_within_the_window() -> None:
+    backoff = always(1.0)
+    delays = fail_rounds(backoff, 6)  # the last delay drawn is the bound, 3.2 s
+    now = sum(delays[:-1]) + 0.1  # just after the last failure
+    assert backoff.retry_after(now) == pytest.approx(3.1)
+    assert backoff.hurry(now, within=0.5)
+    assert backoff.retry_after(now) == pytest.approx(0.5)  # the top draw of the window
+    assert backoff.failures == 6  # still the same outage, only sooner
+    assert not backoff.hurry(now, within=0.01)  # once a round: no second draw
+    assert backoff.admit(now + 0.5) is Admission.PROBE
+    backoff.failed(now + 0.5)  # the next round may be hurried again
+    assert backoff.hurry(now + 0.6, within=0.5)
+
+
+def test_hurry_spreads_targets_over_the_window_and_spares_probes_and_the_healthy() -> None:
+    rng = random.Random(7)
+
+    def cut_off() -> tuple[Backoff, float]:
+        """A target 8 rounds into an outage (top draws), then drawing at random."""
+        draws = itertools.chain([1.0] * 8, iter(rng.random, None))
+        backoff = Backoff(first=FIRST, cap=CAP, rng=draws.__next__)
+        return backoff, sum(fail_rounds(backoff, 8)[:-1])
+
+    cut = [cut_off() for _ in range(200)]
+    targets = [backoff for backoff, _ in cut]
+    now = cut[0][1] + 0.01  # just after everyone's last failure
+    assert min(b.retry_after(now) for b in targets) > 10
+    for backoff in targets:
+        backoff.hurry(now, within=1.0)
+    waits = [b.retry_after(now) for b in targets]
+    assert all(FIRST / 10 <= w <= 1.0 for w in waits)
+    assert statistics.pstdev(waits) > 0.2  # spread, not a herd
+    healthy, probing = always(1.0), always(1.0)
+    probing.failed(0.0)
+    assert probing.admit(1.0) is Admission.PROBE
+    assert not healthy.hurry(now, 1.0) and healthy.admit(now) is Admission.OPEN
+    assert not probing.hurry(1.0, 1.0) and probing.probing
+
+
 # --- random sequences ---------------------------------------------------------------------------
 
 
@@ -241,6 +280,7 @@ class BackoffMachine(RuleBasedStateMachine):
         self.now = 1000.0
         self.probes_in_flight = 0
         self.failures = 0
+        self.hurried = False
 
     @rule(seconds=st.floats(min_value=0.0, max_value=5.0))
     def advance(self, seconds: float) -> None:
@@ -268,6 +308,7 @@ class BackoffMachine(RuleBasedStateMachine):
         if counted:
             self.failures += 1
             self.probes_in_flight = 0
+            self.hurried = False
             bound = self.backoff.bound(self.failures)
             assert self.backoff.floor <= result <= bound
         else:
@@ -280,6 +321,20 @@ class BackoffMachine(RuleBasedStateMachine):
         self.backoff.succeeded()
         self.failures = 0
         self.probes_in_flight = 0
+        self.hurried = False
+
+    @rule(within=st.floats(min_value=0.0, max_value=3.0))
+    def hurry(self, within: float) -> None:
+        before = self.backoff.retry_after(self.now)
+        moved = self.backoff.hurry(self.now, within)
+        after = self.backoff.retry_after(self.now)
+        if self.failures == 0 or self.probes_in_flight or self.hurried:
+            assert not moved and after == before
+        else:
+            self.hurried = True
+            assert moved
+            window = max(min(within, self.backoff.cap), self.backoff.floor)
+            assert self.backoff.floor - 1e-9 <= after <= window + 1e-9
 
     @precondition(lambda self: self.probes_in_flight > 0)
     @rule()

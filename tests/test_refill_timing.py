@@ -194,3 +194,71 @@ async def test_after_a_restart_min_size_is_refilled_at_each_pools_own_jittered_t
     assert len(set(starts["j"])) == n
     assert spread["j"] >= 0.1
     assert spread["j"] > 2 * spread["s"]
+
+
+async def test_when_one_pool_finds_the_server_back_its_neighbours_stop_waiting(
+    restartable_pg: PostgresCluster, login_dsn: str
+) -> None:
+    """Pools of one server deep in long waits come back about a second after the first one."""
+    pg = restartable_pg
+    tenants = [f"n{i}" for i in range(5)]
+    async with TenantPoolManager(
+        {t: Target(tenant_dsn(login_dsn, t)) for t in tenants},
+        pool=PoolSettings(min_size=1, connect_timeout=2),
+        reap_interval=NEVER_TICKS,
+        reconnect_delay=6.0,
+        reconnect_delay_max=6.0,
+    ) as manager:
+        for tenant in tenants:
+            async with manager.with_connection(tenant):
+                pass
+        pools = list(manager._pools.values())
+        # The first pool always draws the shortest wait, the others the longest: 6 s.
+        pools[0]._backoff._rng = lambda: 0.0
+        for pool in pools[1:]:
+            pool._backoff._rng = lambda: 1.0
+        await anyio.to_thread.run_sync(pg.stop)
+        for tenant in tenants:
+            await knock(manager, tenant)
+        assert all(p.stats().retry_after > 5 for p in pools[1:])
+        await anyio.to_thread.run_sync(pg.start_again)
+        back = time.monotonic()
+        await until(lambda: manager.stats().idle == len(tenants), 4)
+        # The first pool retries every 0.6 s (its floor), the rest a server-back window later.
+        assert time.monotonic() - back < 0.6 + 1.0 + 0.5
+        assert not manager.stats().backing_off
+
+
+@pytest.mark.parametrize("jitter", [True, False])
+async def test_refills_after_a_quick_restart_are_spread_over_the_tick(
+    restartable_pg: PostgresCluster, login: tuple[str, str], login_dsn: str, jitter: bool
+) -> None:
+    """A restart shorter than the tick fails no connect, so no backoff spreads the pools'
+    reconnects: the background task's refill spreads them over its interval instead."""
+    pg = restartable_pg
+    tenants = [f"q{i}" for i in range(10)]
+    async with TenantPoolManager(
+        {t: Target(tenant_dsn(login_dsn, t)) for t in tenants},
+        pool=PoolSettings(min_size=1, connect_timeout=2),
+        reap_interval=0.8,
+        reconnect_jitter=jitter,
+    ) as manager:
+        for tenant in tenants:
+            async with manager.with_connection(tenant):
+                pass
+        await anyio.to_thread.run_sync(pg.restart)
+        sql = (
+            "SELECT extract(epoch FROM backend_start)::float8 AS t FROM pg_stat_activity"
+            " WHERE usename = $1"
+        )
+        with anyio.fail_after(5):  # the dead connections look idle until a reap finds them
+            while len(rows := await pg.fetch(sql, login[0])) < len(tenants):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        assert manager.stats().connect_errors == 0  # the server was back before any attempt
+    starts = [row["t"] for row in rows]
+    assert len(starts) == len(tenants)
+    spread = max(starts) - min(starts)
+    if jitter:
+        assert 0.1 < spread < 0.8
+    else:
+        assert spread < 0.1
