@@ -63,9 +63,10 @@ _DEALLOCATE_SQL_PREPARED = (
     " FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP"
     " EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(s.name); END LOOP; END$tenantpool$;"
 )
-# The reset script fails with this when the guard found statements to deallocate; the
-# deallocating path then runs.
-PreparedStatementsLeft = asyncpg.DivisionByZeroError
+# The reset script fails with one of these when the guard found statements to deallocate, or
+# when the guard exists though the connection was thought not to have it (PREPARE outlives the
+# rollback of a script that failed later on); the deallocating path then runs.
+PreparedStatementsLeft = (asyncpg.DivisionByZeroError, asyncpg.DuplicatePreparedStatementError)
 
 
 def quote_literal(value: str) -> str:

@@ -17,8 +17,10 @@ from tenantpool import (
     PoolSettings,
     PoolTimeout,
     Target,
+    TenantPoolError,
     TenantPoolManager,
     TenantUnavailable,
+    _session,
 )
 
 pytestmark = pytest.mark.anyio
@@ -369,4 +371,67 @@ async def test_idle_connections_dead_after_a_restart_are_replaced(
         for tenant in ("acme", "globex", "acme"):
             async with manager.with_connection(tenant) as conn:
                 assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == tenant
+        await drained(manager)
+
+
+async def held_then_waited(
+    manager: TenantPoolManager, holder: str, waiter: str
+) -> tuple[int, int | BaseException]:
+    """``holder`` dirties the only connection while ``waiter`` queues for it; the two pids
+    (or what the waiter's checkout raised)."""
+    got: list[int | BaseException] = []
+
+    async def wait() -> None:
+        try:
+            async with manager.with_connection(waiter) as conn:
+                got.append(conn.get_server_pid())
+                assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == waiter
+        except TenantPoolError as exc:
+            got.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with manager.with_connection(holder) as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SET work_mem = '5MB'")
+            tg.start_soon(wait)
+            while manager.stats().waiting == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+    return pid, got[0]
+
+
+async def test_a_connection_is_reset_straight_to_its_waiters_state(
+    pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reset after a release applies the first waiter's tenant, not the old one's: the
+    waiter's checkout then needs no round trip to switch tenants."""
+    switches: list[object] = []
+    real = _session.apply_state
+
+    async def counting(*args: object, **kwargs: object) -> None:
+        switches.append(args[2])
+        await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_session, "apply_state", counting)
+    settings = PoolSettings(max_size=1)
+    async with TenantPoolManager(shared(pg.dsn(), "acme", "globex"), pool=settings) as manager:
+        async with manager.with_connection("acme"):
+            pass
+        switches.clear()
+        pid, waited = await held_then_waited(manager, "acme", "globex")
+        assert waited == pid  # the same backend, carrying globex's state, reset of acme's
+        assert switches == []
+        await drained(manager)
+
+
+async def test_a_waiter_whose_state_fails_does_not_cost_the_connection(
+    pg: PostgresCluster,
+) -> None:
+    targets = shared(pg.dsn(), "acme")
+    targets["norole"] = Target(pg.dsn(), role=unique_name("missing_role"))
+    async with TenantPoolManager(targets, pool=PoolSettings(max_size=1)) as manager:
+        pid, waited = await held_then_waited(manager, "acme", "norole")
+        assert isinstance(waited, TenantPoolError)
+        assert "does not exist" in str(waited)
+        async with manager.with_connection("acme") as conn:
+            assert conn.get_server_pid() == pid  # reset clean, not closed
         await drained(manager)
