@@ -514,9 +514,10 @@ class Pool:
             self._discard(conn)
         elif dirty:
             _session.forget_client_state(raw)
-            # The first waiter is the likeliest to get this connection: reset it straight to
-            # that waiter's state, sparing its checkout the round trip of a tenant switch.
-            for waiter in self._waiters:
+            # Connections come back from their resets about in the order they went, and each
+            # goes to the first waiter left: reset this one straight to the state of the waiter
+            # it will likely serve, sparing that checkout the round trip of a tenant switch.
+            for waiter in islice(self._waiters, len(self._aside), None):
                 conn.next_state = waiter.state
                 break
             self._set_aside(conn, self._reset)

@@ -75,7 +75,11 @@ async def current_tenant(request: Request) -> str:
 
 async def tenant_connection(request: Request) -> AsyncIterator[TenantConnection]:
     """Yields the request tenant's connection; released when the dependency's scope ends."""
-    async with tenant_scope(request) as conn:
+    # tenant_scope's body, without its context-manager layer: this runs on every request.
+    found = current_request()
+    tenant = found.require_tenant()
+    async with manager_for(request.scope).with_connection(tenant) as conn:
+        found.resolved = True
         yield conn
 
 
