@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from tenantpool import PoolSettings, Target, TenantPoolManager
 from tenantpool.fastapi import (
     EndpointConnection,
+    RequestConnection,
     TenantMiddleware,
     install_error_handlers,
     manager_lifespan,
@@ -92,17 +93,31 @@ def handrolled_dependency() -> FastAPI:
     return app
 
 
-def tenantpool_app() -> FastAPI:
-    """The same with tenantpool: the middleware names the tenant, the dependency connects."""
+def _tenantpool_base() -> tuple[FastAPI, str]:
     dsn, query, tenants, size = _config()
     targets = {t: Target(dsn, settings={"app.tenant_id": t}) for t in tenants}
     manager = TenantPoolManager(targets, pool=PoolSettings(min_size=size, max_size=size))
     app = FastAPI(lifespan=manager_lifespan(manager))
     app.add_middleware(TenantMiddleware)
     install_error_handlers(app)
+    return app, query
 
-    # EndpointConnection, not RequestConnection: like ``async with pool.acquire()`` above, it
-    # gives the connection back when the endpoint returns, before the response is sent.
+
+def tenantpool_app() -> FastAPI:
+    """The same with tenantpool: the middleware names the tenant, the dependency connects."""
+    app, query = _tenantpool_base()
+
+    @app.get("/notes")
+    async def notes(conn: RequestConnection) -> list[dict[str, Any]]:
+        return [dict(row) for row in await conn.fetch(query)]
+
+    return app
+
+
+def tenantpool_endpoint_app() -> FastAPI:
+    """The same, the connection given back as the endpoint returns, as ``pool.acquire()``."""
+    app, query = _tenantpool_base()
+
     @app.get("/notes")
     async def notes(conn: EndpointConnection) -> list[dict[str, Any]]:
         return [dict(row) for row in await conn.fetch(query)]

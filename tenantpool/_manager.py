@@ -361,10 +361,12 @@ class _ScopeContext:
         try:
             scopes.reset(self._token)
         except ValueError:
-            # Exited in another context than entered (some frameworks do): drop just this entry.
+            # Exited in another context than entered (some frameworks do): drop just this entry,
+            # if this context holds it at all.
             stack = scopes.get()
-            index = max(i for i, s in enumerate(stack) if s is scope)
-            scopes.set(stack[:index] + stack[index + 1 :])
+            found = [i for i, s in enumerate(stack) if s is scope]
+            if found:
+                scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
         if self._owned:
             self._owned = False
             conn, used = scope.proxy._detach()

@@ -277,3 +277,25 @@ async def test_the_scope_context_object_cannot_be_entered_twice(
         with pytest.raises(RuntimeError):
             async with scope:
                 pass
+
+
+async def test_a_scope_ended_from_a_context_that_never_saw_it_is_still_released(
+    pg: PostgresCluster,
+) -> None:
+    """Frameworks may end a scope in another context than the one it began in; one that
+    never held it (a task made before the scope began) must still give the connection back."""
+    async with TenantPoolManager({"acme": Target(pg.dsn())}) as manager:
+        opened = manager.with_connection("acme")
+        began = asyncio.Event()
+
+        async def end_later() -> None:
+            await began.wait()
+            await opened.__aexit__(None, None, None)
+
+        ender = asyncio.get_running_loop().create_task(end_later())  # its context: no scope
+        conn = await opened.__aenter__()
+        began.set()
+        await ender
+        with pytest.raises(ConnectionReleased):
+            await conn.fetchval("SELECT 1")
+        await drained(manager)

@@ -8,7 +8,8 @@ from contextvars import ContextVar
 from starlette.types import Scope
 
 from .._errors import NoCurrentConnection
-from .._manager import TenantPoolManager
+from .._manager import TenantPoolManager, _ScopeContext
+from .._scope import TenantConnection
 
 __all__ = [
     "STATE_KEY",
@@ -27,7 +28,7 @@ STATE_KEY = "tenantpool_manager"
 class RequestTenant:
     """What ``TenantMiddleware`` found for one request: the tenant id (or none), and where."""
 
-    __slots__ = ("manager", "resolved", "source", "tenant")
+    __slots__ = ("_held", "manager", "resolved", "source", "tenant")
 
     def __init__(self, tenant: str | None, source: str, manager: TenantPoolManager | None) -> None:
         self.tenant = tenant
@@ -35,6 +36,23 @@ class RequestTenant:
         self.manager = manager
         # Set once the resolver has confirmed the tenant exists, so that it is asked once.
         self.resolved = False
+        # The scope RequestConnection opened, with its connection; the middleware ends it.
+        self._held: tuple[_ScopeContext, TenantConnection] | None = None
+
+    async def connection(self, manager: TenantPoolManager) -> TenantConnection:
+        """The request's connection, checked out on first use and held until ``release``."""
+        if self._held is None:
+            opened = manager.with_connection(self.require_tenant())
+            conn = await opened.__aenter__()
+            self._held = (opened, conn)
+            self.resolved = True
+        return self._held[1]
+
+    async def release(self) -> None:
+        """End the scope ``connection`` opened; never suspends, so never cut short."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held[0].__aexit__(None, None, None)
 
     def require_tenant(self) -> str:
         if self.tenant is None:

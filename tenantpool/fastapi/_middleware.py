@@ -72,7 +72,7 @@ class TenantMiddleware:
         token = request_var.set(found)
         try:
             if tenant is None or not self.eager:
-                await self.app(inner, receive, send)
+                await self._serve(found, inner, receive, send)
                 return
             opened = manager_for(scope).with_connection(tenant)
             try:
@@ -82,12 +82,21 @@ class TenantMiddleware:
                 return
             found.resolved = True
             try:
-                await self.app(inner, receive, send)
+                await self._serve(found, inner, receive, send)
             finally:
                 # No await happens in a scope's exit: the release completes even when cancelled.
                 await opened.__aexit__(*sys.exc_info())
         finally:
             request_var.reset(token)
+
+    async def _serve(
+        self, found: RequestTenant, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # After the response and background tasks: the end of RequestConnection's hold.
+            await found.release()
 
     def __repr__(self) -> str:
         mode = "eager" if self.eager else "lazy"
