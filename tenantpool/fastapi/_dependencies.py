@@ -1,11 +1,13 @@
 """FastAPI dependencies over the request's tenant, and ``tenant_scope`` for everything else.
 
-``RequestConnection`` holds one connection for the whole request: FastAPI (0.118+) runs a
-``yield`` dependency's exit after the response is sent and after background tasks, so the
-connection serves a streaming body and ``BackgroundTasks`` too. ``EndpointConnection`` is
-released as soon as the endpoint returns (``Depends(scope="function")``), which frees it
-earlier for endpoints that neither stream nor hand it to a background task; used later it
-raises ``ConnectionReleased``. The two are alternatives: an endpoint should take one of them.
+``RequestConnection`` holds one connection for the whole request. It is a plain dependency:
+``TenantMiddleware`` ends its scope once the application is done with the request, after the
+response is sent and after background tasks, so the connection serves a streaming body and
+``BackgroundTasks`` too, and no request pays for FastAPI's ``yield``-dependency machinery.
+``EndpointConnection`` is released as soon as the endpoint returns (a ``yield`` dependency with
+``Depends(scope="function")``), which frees it earlier for endpoints that neither stream nor
+hand it to a background task; used later it raises ``ConnectionReleased``. The two are
+alternatives: an endpoint should take one of them.
 
 Releasing never raises and never awaits (the core's scope exit is synchronous), so no
 dependency exit can fail after the response has gone out. The transaction's commit can fail,
