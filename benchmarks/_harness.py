@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "median",
     "percentile",
     "ratio",
+    "server_cpu",
     "table",
     "timed_loop",
     "wait_until",
@@ -141,6 +143,30 @@ async def wait_until(predicate: Callable[[], bool], limit: float, what: str) -> 
             raise TimeoutError(f"{what}: not reached after {limit:.0f} s")
         await asyncio.sleep(0.01)
     return time.perf_counter() - started
+
+
+def server_cpu(pg: PostgresCluster) -> float | None:
+    """CPU seconds the cluster's processes (postmaster and children) have used, from /proc.
+
+    None for a server we did not start (its processes may be elsewhere). Read before and after
+    a run, it tells how much of the cost lands on the server rather than in our process.
+    """
+    server = getattr(pg, "_server", None)
+    postmaster = server.postmaster_pid() if server is not None else None
+    if postmaster is None:
+        return None
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # fields[1] is the parent pid; [11], [12] user and system time in clock ticks.
+        if entry.name == str(postmaster) or fields[1] == str(postmaster):
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def median(values: Sequence[float]) -> float:
