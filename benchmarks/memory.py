@@ -165,6 +165,7 @@ async def _tenantpool(dsn: str, tenants: int, heap: bool) -> dict[str, Any]:
         manager.forget_after = 0.2
         await wait_until(lambda: pools() == 0, 60, "every pool forgotten")
         manager.forget_after = 3600
+        await asyncio.sleep(1.0)  # the last closes' tasks and callbacks finish
         return measure()
 
     if heap:

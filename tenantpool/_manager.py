@@ -369,5 +369,5 @@ class _ScopeContext:
                 scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
         if self._owned:
             self._owned = False
-            conn, used = scope.proxy._detach()
-            scope.pool.release(conn, dirty=used)
+            pool, conn, used = scope.end()
+            pool.release(conn, dirty=used)

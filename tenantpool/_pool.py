@@ -637,6 +637,11 @@ class Pool:
     def _forget_waiter(self, waiter: _Waiter) -> None:
         if waiter in self._waiters:
             del self._waiters[waiter]
+            if not self._waiters and self._expiry_timer is not None:
+                # Nobody left to time out; a pending timer would also keep a forgotten pool
+                # alive until it fired.
+                self._expiry_timer.cancel()
+                self._expiry_timer = None
         if waiter.queued:
             waiter.queued = False
             self._pending -= 1

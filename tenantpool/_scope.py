@@ -120,7 +120,7 @@ for _name, _original in vars(asyncpg.Connection).items():
 class Scope:
     """One open ``with_connection`` block: who opened it, for which tenant, with what."""
 
-    __slots__ = ("conn", "manager", "pool", "proxy", "task", "tenant")
+    __slots__ = ("manager", "pool", "proxy", "task", "tenant")
 
     def __init__(
         self,
@@ -132,10 +132,21 @@ class Scope:
     ) -> None:
         self.manager = manager
         self.tenant = tenant
-        self.pool = pool
-        self.conn = conn
+        self.pool: Pool | None = pool
         self.task = task
         self.proxy = TenantConnection(conn, tenant)
+
+    def end(self) -> tuple[Pool, PooledConnection, bool]:
+        """Close the scope: its pool, its connection, and whether the scope used it.
+
+        Afterwards it holds neither: copies of the ContextVar taken while it was open (say, by
+        a timer asyncpg armed for a statement it cached) can outlive it by minutes, and must
+        not keep a forgotten pool or a connection alive.
+        """
+        pool, self.pool = self.pool, None
+        assert pool is not None, "a scope ends once"
+        conn, used = self.proxy._detach()
+        return pool, conn, used
 
 
 # Immutable tuples, innermost last: a child task's copy can never change its parent's stack.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
 import time
+import weakref
 
 import anyio
 import pytest
@@ -142,11 +144,21 @@ async def test_pools_unused_for_a_while_are_forgotten_and_counters_survive(login
     async with TenantPoolManager(
         targets, pool=settings, reap_interval=0.02, forget_after=0.1, max_total_connections=10
     ) as manager:
+        pools: list[weakref.ref[Pool]] = []
         for tenant in targets:
             async with manager.with_connection(tenant) as conn:
                 assert await conn.fetchval("SELECT 1") == 1
+                pools += [weakref.ref(p) for p in manager._pools.values()][-1:]
         assert len(manager.stats().pools) > 0
         await until(lambda: not manager.stats().pools)
+
+        # Forgotten means freed: no timer, task or capacity entry keeps a pool alive (beyond
+        # the close tasks and callbacks in flight a moment longer).
+        def all_freed() -> bool:
+            gc.collect()
+            return all(ref() is None for ref in pools)
+
+        await until(all_freed, 2)
         stats = manager.stats()
         assert (stats.total, stats.checkouts) == (0, n)
         assert not manager._pool_names
