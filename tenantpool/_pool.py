@@ -123,6 +123,41 @@ def _carry_out(
 class Pool:
     """The connections of one connection identity (a DSN with its credentials)."""
 
+    # Slots: a service may hold a pool for every tenant seen lately, most of them idle.
+    __slots__ = (
+        "__weakref__",
+        "_aside",
+        "_backoff",
+        "_capacity",
+        "_closed",
+        "_closers",
+        "_closing",
+        "_connect",
+        "_counters",
+        "_dispatch_again",
+        "_dispatching",
+        "_drained",
+        "_expiry_timer",
+        "_idle",
+        "_idle_by_state",
+        "_in_use",
+        "_last_error",
+        "_lifetime_draw",
+        "_on_back",
+        "_opening",
+        "_pending",
+        "_refill_spread",
+        "_refill_timer",
+        "_secrets",
+        "_tasks",
+        "_waiters",
+        "checkouts",
+        "last_used",
+        "name",
+        "server",
+        "settings",
+    )
+
     def __init__(
         self,
         name: str,
@@ -167,7 +202,7 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closers: set[asyncio.Task[None]] = set()  # among _tasks: closes in flight
         self._closed = False
-        self._drained = asyncio.Event()
+        self._drained: asyncio.Event | None = None  # made by close(), to wait on
         # A refill put off: while the backoff holds the next attempt back, or spread out.
         self._refill_timer: asyncio.TimerHandle | None = None
         # Due at the earliest deadline among the waiters: one timer per pool, not per wait.
@@ -631,7 +666,7 @@ class Pool:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
         _carry_out(self._capacity, self._capacity.closed())
         self._dispatch()
-        if self._closed and not self._in_use and not self._aside:
+        if self._drained is not None and not self._in_use and not self._aside:
             self._drained.set()
 
     def _forget_waiter(self, waiter: _Waiter) -> None:
@@ -877,10 +912,11 @@ class Pool:
         for conn in list(self._idle):
             self._remove_idle(conn)
             self._discard(conn)
+        self._drained = drained = asyncio.Event()
         if self._in_use or self._aside:
             try:
                 async with asyncio.timeout(grace):
-                    await self._drained.wait()
+                    await drained.wait()
             except TimeoutError:
                 logger.warning(
                     "tenantpool: terminating %d connection(s) of %s still checked out at close",
