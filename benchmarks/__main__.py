@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs, under 3 minutes")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="NAME")
-    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3 quick, 7 full)")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3 quick, 11 full)")
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
 
     out = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds or (3 if args.quick else 11)
     names = args.only or list(SCENARIOS)
     modules: list[ModuleType] = [importlib.import_module(f"benchmarks.{n}") for n in names]
 

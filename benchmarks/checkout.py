@@ -13,7 +13,7 @@ POOL_SIZE = 10
 
 
 def run(ctx: Context) -> Report:
-    iterations = ctx.pick(1000, 3000)
+    iterations = ctx.pick(1000, 2000)
     results = asyncio.run(_measure(ctx.shared.dsn(), ctx.rounds, iterations))
     medians = {name: median(values) for name, values in results.items()}
     bare, pool, ours = medians[c.BARE], medians[c.POOL], medians[c.TENANTPOOL]

@@ -200,7 +200,7 @@ async def load(url: str, seconds: int, script: Path | None) -> dict[str, Any]:
 
 
 def run(ctx: Context) -> Report:
-    seconds, warmup = ctx.pick(3, 8), ctx.pick(1, 2)
+    seconds, warmup = ctx.pick(3, 5), ctx.pick(1, 2)
     wrk = shutil.which("wrk")
     with tempfile.TemporaryDirectory() as tmp, rls_table(ctx) as (notes_table, dsn):
         script = None

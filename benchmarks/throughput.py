@@ -27,7 +27,7 @@ POOL_SIZE = 20
 
 
 def run(ctx: Context) -> Report:
-    seconds = ctx.pick(1.5, 4.0)
+    seconds = ctx.pick(1.5, 3.0)
     results = asyncio.run(_measure(ctx.shared, ctx.rounds, seconds))
     medians = {name: median([r.rate for r in runs]) for name, runs in results.items()}
     pool, ours = medians[c.POOL], medians[c.TENANTPOOL]
