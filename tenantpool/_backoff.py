@@ -161,18 +161,21 @@ class Backoff:
         """Another target of the same server just got through: retry within ``within`` s.
 
         The wait drawn for a long outage can run seconds past the server's return; once one
-        target sees it back, the others need not sit out their full delays. Each draws its
-        moment afresh, uniformly over the window, so that they return spread evenly rather than
-        in a herd (keeping the earlier of old and new would crowd the window's start). Once a
+        target sees it back, the others need not sit out their full delays. One due later
+        than the window draws its moment afresh, uniformly over it, so that they return
+        spread evenly rather than in a herd; one due within it keeps its own moment (redrawing
+        it, or keeping the earlier of two draws, would crowd the window's start). Once a
         round: every neighbour's return would otherwise draw again. Returns whether the wait
         was redrawn; nothing changes while healthy or while a probe is out.
         """
         if self._retry_at is None or self._probing or self._hurried:
             return False
+        within = max(within, self.floor)
+        if self._retry_at - now <= within:
+            return False  # due within the window anyway, at a moment drawn as randomly
         self._hurried = True
         draw = min(max(self._rng(), 0.0), 1.0)
-        within = min(within, self.cap)  # no wait longer than the backoff would ever draw
-        self._retry_at = now + self.floor + draw * max(within - self.floor, 0.0)
+        self._retry_at = now + self.floor + draw * (within - self.floor)
         return True
 
     def probe_abandoned(self) -> None:

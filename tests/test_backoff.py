@@ -330,11 +330,12 @@ class BackoffMachine(RuleBasedStateMachine):
         after = self.backoff.retry_after(self.now)
         if self.failures == 0 or self.probes_in_flight or self.hurried:
             assert not moved and after == before
-        else:
+        elif moved:
             self.hurried = True
-            assert moved
-            window = max(min(within, self.backoff.cap), self.backoff.floor)
-            assert self.backoff.floor - 1e-9 <= after <= window + 1e-9
+            assert after < before  # never later
+            assert after <= max(within, self.backoff.floor) + 1e-9
+        else:
+            assert after == before <= max(within, self.backoff.floor)
 
     @precondition(lambda self: self.probes_in_flight > 0)
     @rule()
