@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,20 @@ from typing import IO, Any
 
 import httpx
 
-from ._harness import ROOT, Context, Goal, Report, interleave, median, percentile, ratio, table
+from demo_api._local_postgres import free_port
 
-sys.path.insert(0, str(ROOT / "tests"))
-from _postgres import unique_name
+from ._harness import (
+    ROOT,
+    Context,
+    Goal,
+    PostgresCluster,
+    Report,
+    interleave,
+    median,
+    percentile,
+    ratio,
+    table,
+)
 
 TITLE = "4. HTTP: a FastAPI endpoint, hand-rolled asyncpg.Pool + set_config vs. tenantpool"
 
@@ -79,12 +88,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def expected_notes(tenant: str) -> list[dict[str, Any]]:
     start = TENANTS.index(tenant) * NOTES_PER_TENANT + 1
     return [
@@ -97,7 +100,11 @@ def expected_notes(tenant: str) -> list[dict[str, Any]]:
 def rls_table(ctx: Context) -> Iterator[tuple[str, str]]:
     """A shared notes table under FORCE ROW LEVEL SECURITY; yields it and the app role's DSN."""
     pg = ctx.shared
-    role, table_name, password = unique_name("http_app"), unique_name("http_notes"), "bench-pw"
+    role, table_name, password = (
+        PostgresCluster.unique_name("http_app"),
+        PostgresCluster.unique_name("http_notes"),
+        "bench-pw",
+    )
     pg.create_role_sync(role, password=password)
     try:
         pg.execute_sync(
