@@ -205,7 +205,8 @@ class Pool:
         self._drained: asyncio.Event | None = None  # made by close(), to wait on
         # A refill put off: while the backoff holds the next attempt back, or spread out.
         self._refill_timer: asyncio.TimerHandle | None = None
-        # Due at the earliest deadline among the waiters: one timer per pool, not per wait.
+        # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
+        # there only while someone waits (_forget_waiter cancels it with the last one).
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.checkouts = 0
         self.last_used = time.monotonic()
@@ -898,9 +899,7 @@ class Pool:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
         self._cancel_refill_timer()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        # Forgetting the last waiter also cancels the expiry timer.
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
