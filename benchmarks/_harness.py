@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from _postgres import PostgresCluster  # noqa: E402
+from _support import tenant_dsn  # noqa: E402
 
 __all__ = [
     "Context",
@@ -35,6 +36,7 @@ __all__ = [
     "ratio",
     "server_cpu",
     "table",
+    "tenant_dsn",
     "timed_loop",
     "wait_until",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 
-from ._harness import Context, Report, interleave, median, ratio, table, timed_loop
+from ._harness import Context, Report, interleave, median, ratio, table, tenant_dsn, timed_loop
 
 TITLE = "7. Cost of the cap: sequential checkouts over 40 tenants, at saturation"
 TENANTS = 40
@@ -47,12 +47,9 @@ def run(ctx: Context) -> Report:
 
 
 async def _measure(ctx: Context) -> tuple[dict[str, list[float]], dict[str, int]]:
-    pg = ctx.shared
-    sep = "&" if "?" in pg.dsn() else "?"
+    dsn = ctx.shared.dsn()
     targets = {
-        f"t{i}": Target(
-            f"{pg.dsn()}{sep}application_name=t{i}", settings={"app.tenant_id": f"t{i}"}
-        )
+        f"t{i}": Target(tenant_dsn(dsn, f"t{i}"), settings={"app.tenant_id": f"t{i}"})
         for i in range(TENANTS)
     }
     caps = {NO_CAP: None, SATURATED: TENANTS, STEALING: TENANTS // 2}

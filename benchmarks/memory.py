@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from ._harness import Context, Goal, Report, table, wait_until
+from ._harness import Context, Goal, Report, table, tenant_dsn, wait_until
 
 TITLE = "6. Memory: RSS per tenant served once, then idle, then forgotten"
 TENANTPOOL = "tenantpool"
@@ -128,18 +128,13 @@ async def _serve(names: list[str], checkout: Callable[[str], Awaitable[None]]) -
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
 
 
-def _dsns(dsn: str, names: list[str]) -> dict[str, str]:
-    sep = "&" if "?" in dsn else "?"
-    return {name: f"{dsn}{sep}application_name={name}" for name in names}
-
-
 async def _tenantpool(dsn: str, tenants: int, heap: bool) -> dict[str, Any]:
     from tenantpool import PoolSettings, Target, TenantPoolManager
 
     batches = {b: [f"{b}{i}" for i in range(n)] for b, n in (("w", WARM_UP), ("a", tenants))}
     batches["b"] = [f"b{i}" for i in range(tenants)]
     names = [name for batch in batches.values() for name in batch]
-    targets = {name: Target(d) for name, d in _dsns(dsn, names).items()}
+    targets = {name: Target(tenant_dsn(dsn, name)) for name in names}
     manager = TenantPoolManager(
         targets,
         max_total_connections=CAP,
@@ -194,7 +189,7 @@ async def _tenantpool(dsn: str, tenants: int, heap: bool) -> dict[str, Any]:
 async def _hand_rolled(dsn: str, tenants: int) -> dict[str, Any]:
     warm = [f"w{i}" for i in range(WARM_UP)]
     measured = [f"t{i}" for i in range(tenants)]
-    dsns = _dsns(dsn, warm + measured)
+    dsns = {name: tenant_dsn(dsn, name) for name in warm + measured}
     pools: dict[str, asyncpg.Pool] = {}
 
     async def checkout(name: str) -> None:

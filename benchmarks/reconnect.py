@@ -25,7 +25,18 @@ from typing import Any
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 
-from ._harness import Context, Goal, PostgresCluster, Report, cluster, interleave, median, table
+from ._harness import (
+    Context,
+    Goal,
+    PostgresCluster,
+    Report,
+    cluster,
+    interleave,
+    median,
+    table,
+    tenant_dsn,
+    wait_until,
+)
 
 TITLE = "5. Reconnect storm: 200 warm pools, server restarted, attempts per 100 ms"
 TENANTS = 200
@@ -77,7 +88,7 @@ def run(ctx: Context) -> Report:
 
 async def _measure(pg: PostgresCluster, rounds: int) -> dict[str, list[Run]]:
     dsn = pg.dsn(ROLE, PASSWORD)
-    targets = {f"t{i:04d}": Target(f"{dsn}?application_name=t{i:04d}") for i in range(TENANTS)}
+    targets = {f"t{i:04d}": Target(tenant_dsn(dsn, f"t{i:04d}")) for i in range(TENANTS)}
 
     async def contender(jitter: bool) -> Run:
         manager = TenantPoolManager(
@@ -99,7 +110,7 @@ async def _storm(
     offset = pg.log_file.stat().st_size
     stopped = time.monotonic()
     await asyncio.to_thread(pg.stop)
-    await _poll(lambda: manager.stats().backing_off == TENANTS, 10, "every pool backing off")
+    await wait_until(lambda: manager.stats().backing_off == TENANTS, 10, "every pool backing off")
     noticed = time.monotonic() - stopped
     await asyncio.sleep(DOWNTIME)
     await asyncio.to_thread(pg.start_again)
@@ -107,7 +118,7 @@ async def _storm(
     try:
         # Every dead connection was dropped before its pool could back off, so 200 idle now
         # means 200 new ones. Wall-clock time: the server's log is what it is compared with.
-        await _poll(_at_min_size(manager), RECOVERY_LIMIT, "every pool back at min_size")
+        await wait_until(_at_min_size(manager), RECOVERY_LIMIT, "every pool back at min_size")
         recovered = time.time()
     except TimeoutError:
         pass
@@ -137,7 +148,7 @@ async def _warm(manager: TenantPoolManager, tenants: list[str]) -> None:
             pass
 
     await asyncio.gather(*(checkout(t) for t in tenants))
-    await _poll(_at_min_size(manager), 30, "warm-up")
+    await wait_until(_at_min_size(manager), 30, "warm-up")
 
 
 def _at_min_size(manager: TenantPoolManager) -> Callable[[], bool]:
@@ -146,16 +157,6 @@ def _at_min_size(manager: TenantPoolManager) -> Callable[[], bool]:
         return stats.total == TENANTS and stats.idle == TENANTS
 
     return check
-
-
-async def _poll(predicate: Callable[[], bool], limit: float, what: str) -> None:
-    # The library refills on its own schedule and signals nothing public: poll its stats,
-    # as an operator would.
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached after {limit:g} s")
-        await asyncio.sleep(0.01)
 
 
 def _read_log(log_file: Path, offset: int) -> tuple[float, list[float]]:
