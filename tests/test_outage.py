@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import anyio
 import pytest
 from _postgres import PostgresCluster
-from _support import drained, tenant_dsn, until
+from _support import FakeServer, drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager, TenantUnavailable, redact_dsn
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeServer:
-    """A TCP port that counts connection attempts and drops them, or leaves them hanging."""
-
-    def __init__(self, *, hang: bool = False) -> None:
-        self.hang = hang
-        self.attempts = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> FakeServer:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    def dsn(self, password: str = "") -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        auth = f"x:{password}" if password else "x"
-        return f"postgresql://{auth}@127.0.0.1:{port}/app"
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.attempts += 1
-        if self.hang:
-            self._writers.append(writer)
-        else:
-            writer.close()
 
 
 async def test_checkouts_fail_fast_while_a_target_backs_off_and_one_probe_finds_it_back(

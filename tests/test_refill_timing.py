@@ -6,14 +6,13 @@ is the pool's own refill timer, never the background task.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import timedelta
 
 import anyio
 import pytest
 from _postgres import PostgresCluster
-from _support import drained, tenant_dsn, until
+from _support import FakeServer, drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager, TenantUnavailable
 from tenantpool._pool import Pool
@@ -21,33 +20,6 @@ from tenantpool._pool import Pool
 pytestmark = pytest.mark.anyio
 
 NEVER_TICKS = 30.0
-
-
-class Refuser:
-    """A TCP port that counts connection attempts and drops each at once."""
-
-    def __init__(self) -> None:
-        self.attempts = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> Refuser:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    @property
-    def dsn(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"postgresql://x@127.0.0.1:{port}/app"
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.attempts += 1
-        writer.close()
 
 
 async def knock(manager: TenantPoolManager, tenant: str) -> None:
@@ -62,9 +34,9 @@ def only_pool(manager: TenantPoolManager) -> Pool:
 
 
 async def test_a_pool_below_min_size_retries_on_its_own_timer_until_closed() -> None:
-    async with Refuser() as down:
+    async with FakeServer() as down:
         manager = TenantPoolManager(
-            {"down": Target(down.dsn)},
+            {"down": Target(down.dsn())},
             pool=PoolSettings(min_size=1),
             reap_interval=NEVER_TICKS,
             reconnect_delay=0.02,
@@ -87,9 +59,9 @@ async def test_a_pool_below_min_size_retries_on_its_own_timer_until_closed() -> 
 
 
 async def test_no_refill_timer_without_min_size() -> None:
-    async with Refuser() as down:
+    async with FakeServer() as down:
         async with TenantPoolManager(
-            {"down": Target(down.dsn)},
+            {"down": Target(down.dsn())},
             reap_interval=NEVER_TICKS,
             reconnect_delay=0.02,
             reconnect_delay_max=0.05,
