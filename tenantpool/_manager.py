@@ -231,9 +231,16 @@ class TenantPoolManager:
     def _connector(
         self, dsn: str, settings: PoolSettings
     ) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        kwargs = self._connect_kwargs
+        if settings.state_scope == "transaction":
+            # Behind a transaction pooler consecutive transactions reach different server
+            # connections, where statements asyncpg prepared and cached on another do not
+            # exist. Unnamed statements live within one transaction, so they are safe.
+            kwargs = {"statement_cache_size": 0, **kwargs}
+
         async def connect() -> asyncpg.Connection:
             raw: asyncpg.Connection = await asyncpg.connect(
-                dsn, timeout=settings.connect_timeout, **self._connect_kwargs
+                dsn, timeout=settings.connect_timeout, **kwargs
             )
             if self._init is not None:
                 try:
@@ -357,7 +364,8 @@ class _ScopeContext:
         scope = self._scope
         assert scope is not None, "__aexit__ without __aenter__"
         self._scope = None
-        # No await from here on: a cancellation cannot cut the release short.
+        # No await until the release: a cancellation cannot cut it short (a commit, the one
+        # await, gives the connection back itself whatever happens).
         try:
             scopes.reset(self._token)
         except ValueError:
@@ -370,4 +378,11 @@ class _ScopeContext:
         if self._owned:
             self._owned = False
             pool, conn, used = scope.end()
-            pool.release(conn, dirty=used)
+            if pool.per_transaction:
+                if exc_type is None and used:
+                    await pool.commit(conn)
+                else:
+                    # Nothing to keep: the rollback runs off the caller's path.
+                    pool.release(conn, dirty=True)
+            else:
+                pool.release(conn, dirty=used)

@@ -154,6 +154,7 @@ class Pool:
         "checkouts",
         "last_used",
         "name",
+        "per_transaction",
         "server",
         "settings",
     )
@@ -178,6 +179,7 @@ class Pool:
         self._on_back = on_back
         self._refill_spread = refill_spread
         self.settings = settings
+        self.per_transaction = settings.state_scope == "transaction"
         self._connect = connect
         self._secrets = secrets
         self._capacity = capacity
@@ -259,21 +261,33 @@ class Pool:
     # -- checkout ----------------------------------------------------------------------------
 
     async def acquire(self, state: SessionState) -> PooledConnection:
-        """Check out a connection carrying session ``state``."""
+        """Check out a connection carrying session ``state``.
+
+        Per transaction, the connection comes with its transaction open and ``state`` set in
+        it; idle connections then carry no state at all, so any of them will do.
+        """
+        per_transaction = self.per_transaction
+        wanted: SessionState = () if per_transaction else state
         started: float | None = None
         deadline = 0.0
         while True:
-            conn = None if self._waiters else self._take_idle(state)
+            conn = None if self._waiters else self._take_idle(wanted)
             if conn is None:
                 if started is None:
                     started = asyncio.get_running_loop().time()
                     deadline = started + self.settings.acquire_timeout
-                conn = await self._acquire_slow(state, deadline)
-            if conn.applied != state:
+                conn = await self._acquire_slow(wanted, deadline)
+            if per_transaction or conn.applied != state:
                 try:
-                    await _session.apply_state(
-                        conn.raw, conn.applied or (), state, budget=self.settings.connect_timeout
-                    )
+                    if per_transaction:
+                        await _session.begin(conn.raw, state, budget=self.settings.connect_timeout)
+                    else:
+                        await _session.apply_state(
+                            conn.raw,
+                            conn.applied or (),
+                            state,
+                            budget=self.settings.connect_timeout,
+                        )
                 except BaseException as exc:
                     conn.applied = None
                     self.release(conn, dirty=True)
@@ -283,7 +297,7 @@ class Pool:
                         # A connection that died while idle (a server restart): try another.
                         continue
                     raise self._apply_failed(exc) from exc
-                conn.applied = state
+                conn.applied = wanted
             self.checkouts += 1
             self._counters.checkouts += 1
             if started is not None:
@@ -560,9 +574,41 @@ class Pool:
         else:
             self._make_idle(conn)
 
+    async def commit(self, conn: PooledConnection) -> None:
+        """End a per-transaction scope that used its connection and raised nothing.
+
+        The commit is the caller's to wait for: its error (a deferred constraint, a
+        serialization failure) is the scope's. The connection comes back whatever happens,
+        a cancellation included; after a failure, through the rollback of a reset.
+        """
+        raw = conn.raw
+        committed = False
+        try:
+            if not raw.is_in_transaction():
+                raise TenantPoolError(
+                    f"the scope's transaction on {self.name} was ended inside the scope"
+                    " (a COMMIT or ROLLBACK in user code): with state_scope='transaction',"
+                    " statements after it ran without the tenant's state; use"
+                    " conn.transaction() for a nested transaction (a savepoint)"
+                )
+            await raw.execute("COMMIT")
+            committed = True
+        finally:
+            if committed:
+                _session.forget_client_state(raw)
+            self.release(conn, dirty=not committed)
+
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
         await _session.settle(raw, budget=self.settings.connect_timeout)
+        if self.per_transaction:
+            # The scope's transaction is all tenantpool set, so its rollback is the whole
+            # reset; a session-wide clean-up would run, behind a transaction pooler, on
+            # whichever server connection the pooler picks, another client's perhaps.
+            if raw.is_in_transaction():
+                await raw.execute("ROLLBACK")
+            conn.applied = ()
+            return
         wanted, conn.next_state = conn.next_state, None
         if wanted is not None and wanted != conn.applied:
             try:

@@ -25,6 +25,8 @@ __all__ = [
     "GUARD",
     "PreparedStatementsLeft",
     "apply_state",
+    "begin",
+    "begin_script",
     "forget_client_state",
     "quote_literal",
     "reset_script",
@@ -160,3 +162,30 @@ async def settle(raw: asyncpg.Connection, *, budget: float) -> None:
     protocol: Any = getattr(raw, "_protocol", None)
     if protocol is not None and protocol._is_cancelling():
         await protocol._wait_for_cancellation(budget)
+
+
+# -- state_scope="transaction": the tenant's state lives and dies with the scope's transaction
+
+
+@functools.lru_cache(maxsize=4096)
+def begin_script(state: SessionState) -> str:
+    """``BEGIN`` and ``state`` set transaction-locally: one simple-query round trip.
+
+    Nothing in it outlives the transaction, so behind a transaction pooler no other client can
+    find it on the server connection afterwards.
+    """
+    calls = ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, true)"
+        for name, value in state
+    )
+    return f"BEGIN; SELECT {calls};" if calls else "BEGIN;"
+
+
+async def begin(raw: asyncpg.Connection, state: SessionState, *, budget: float) -> None:
+    """Open a scope's transaction on ``raw`` carrying ``state``."""
+    await raw.execute(begin_script(state), timeout=budget)
+    # asyncpg's transaction() refuses to start inside a transaction it did not open itself;
+    # told one is open, it nests as a savepoint, which is what user code inside a scope means.
+    # The scope's release (forget_client_state) clears it again.
+    con: Any = raw
+    con._top_xact = raw.transaction()

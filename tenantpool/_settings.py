@@ -7,9 +7,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["PoolSettings", "SessionState", "Target", "redact_dsn", "server_address"]
+__all__ = ["PoolSettings", "SessionState", "StateScope", "Target", "redact_dsn", "server_address"]
+
+StateScope = Literal["session", "transaction"]
 
 # The session state a checkout applies: ordered (setting, value) pairs for set_config().
 SessionState = tuple[tuple[str, str], ...]
@@ -35,8 +38,15 @@ class PoolSettings:
     max_age: float | None = 3600.0
     max_age_jitter: float = 0.1
     keepalive_interval: float | None = 60.0
+    # "transaction": each scope is one transaction carrying the tenant's state transaction-
+    # locally, and nothing is left on the server session (safe behind transaction poolers).
+    state_scope: StateScope = "session"
 
     def __post_init__(self) -> None:
+        if self.state_scope not in ("session", "transaction"):
+            raise ValueError(
+                f"state_scope must be 'session' or 'transaction', got {self.state_scope!r}"
+            )
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
         if self.max_size < 1:
