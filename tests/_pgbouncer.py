@@ -43,7 +43,8 @@ def find_pgbouncer() -> str:
         if os.access(candidate, os.X_OK):
             return candidate
     raise PgBouncerMissing(
-        "pgbouncer is not installed (Debian: apt-get install pgbouncer; or set TENANTPOOL_PGBOUNCER)"
+        "pgbouncer is not installed (Debian: apt-get install pgbouncer;"
+        " or point TENANTPOOL_PGBOUNCER at the binary)"
     )
 
 

@@ -59,6 +59,13 @@ async def between_scopes(manager: TenantPoolManager) -> dict[str, object]:
         return dict(await conn.fetchrow(SESSION_SQL))
 
 
+async def until_state(pg: PostgresCluster, pid: int, state: str) -> None:
+    query = "SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = $1"
+    with anyio.fail_after(10):
+        while await pg.fetchval(query, pid) != state:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
 async def notes_of(pg: PostgresCluster, world: Tenancy, body: str) -> list[str]:
     rows = await pg.fetch(
         f"SELECT tenant FROM public.{quote_ident(world.notes)} WHERE body = $1 ORDER BY tenant",
@@ -184,12 +191,7 @@ async def test_a_scope_cancelled_mid_query_leaves_no_open_transaction(
         with anyio.fail_after(10):
             await started.wait()
         # Let the query reach the server before cancelling it.
-        with anyio.fail_after(10):
-            while (
-                await pg.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid)
-                != "active"
-            ):  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        await until_state(pg, pid, "active")
         tg.cancel_scope.cancel()
     session = await between_scopes(manager)
     assert session["pid"] == pid
