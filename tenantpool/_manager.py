@@ -17,9 +17,9 @@ from ._capacity import Capacity
 from ._errors import ManagerClosed, NoCurrentConnection
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, SharedCapacity
+from ._pool import Pool, PooledConnection, SharedCapacity
 from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
-from ._settings import PoolSettings, Target, redact_dsn, server_address
+from ._settings import PoolSettings, SessionState, Target, redact_dsn, server_address
 from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
@@ -313,7 +313,7 @@ def _secrets_of(dsn: str) -> tuple[str, ...]:
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_manager", "_owned", "_scope", "_tenant", "_token")
+    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant", "_token")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
@@ -321,6 +321,8 @@ class _ScopeContext:
         self._scope: Scope | None = None
         self._owned = False
         self._token: Any = None
+        # What this block checked out, if it did: for commit_and_continue.
+        self._checkout: tuple[Pool, PooledConnection, SessionState] | None = None
 
     async def __aenter__(self) -> TenantConnection:
         if self._scope is not None:
@@ -350,6 +352,7 @@ class _ScopeContext:
             conn = await pool.acquire(target.session_state)
             scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
             self._owned = True
+            self._checkout = (pool, conn, target.session_state)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
         self._token = scopes.set((*scopes.get(), scope))
@@ -377,6 +380,7 @@ class _ScopeContext:
                 scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
         if self._owned:
             self._owned = False
+            self._checkout = None
             pool, conn, used = scope.end()
             if pool.per_transaction:
                 if exc_type is None and used:
@@ -386,3 +390,14 @@ class _ScopeContext:
                     pool.release(conn, dirty=True)
             else:
                 pool.release(conn, dirty=used)
+
+    async def commit_and_continue(self) -> None:
+        """Per transaction, commit the scope's work so far and go on in a new transaction
+        carrying the same state; nothing to do per session or for a scope this block reused.
+
+        What a web response reports must have committed before it goes out; the request may
+        still use its connection afterwards (a streaming body, background tasks).
+        """
+        if self._checkout is not None and self._checkout[0].per_transaction:
+            pool, conn, state = self._checkout
+            await pool.commit_and_begin(conn, state)

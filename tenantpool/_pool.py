@@ -584,19 +584,29 @@ class Pool:
         raw = conn.raw
         committed = False
         try:
-            if not raw.is_in_transaction():
-                raise TenantPoolError(
-                    f"the scope's transaction on {self.name} was ended inside the scope"
-                    " (a COMMIT or ROLLBACK in user code): with state_scope='transaction',"
-                    " statements after it ran without the tenant's state; use"
-                    " conn.transaction() for a nested transaction (a savepoint)"
-                )
+            self._check_scope_transaction(raw)
             await raw.execute("COMMIT")
             committed = True
         finally:
             if committed:
                 _session.forget_client_state(raw)
             self.release(conn, dirty=not committed)
+
+    async def commit_and_begin(self, conn: PooledConnection, state: SessionState) -> None:
+        """Commit a per-transaction scope's work so far and open its next transaction."""
+        raw = conn.raw
+        self._check_scope_transaction(raw)
+        # One round trip: a failed COMMIT stops the script before the BEGIN.
+        await raw.execute("COMMIT; " + _session.begin_script(state))
+
+    def _check_scope_transaction(self, raw: asyncpg.Connection) -> None:
+        if not raw.is_in_transaction():
+            raise TenantPoolError(
+                f"the scope's transaction on {self.name} was ended inside the scope"
+                " (a COMMIT or ROLLBACK in user code): with state_scope='transaction',"
+                " statements after it ran without the tenant's state; use"
+                " conn.transaction() for a nested transaction (a savepoint)"
+            )
 
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
