@@ -64,6 +64,7 @@ class PgBouncer:
             "pool_mode": "transaction",
             "default_pool_size": "2",
             "max_client_conn": "2000",
+            "auth_type": "scram-sha-256",
             **(settings or {}),
         }
         self.port = 0
@@ -95,7 +96,6 @@ class PgBouncer:
             "listen_addr = 127.0.0.1",
             f"listen_port = {self.port}",
             "unix_socket_dir =",
-            "auth_type = scram-sha-256",
             f"auth_file = {self.base_dir / 'users.txt'}",
             f"logfile = {self.base_dir / 'pgbouncer.log'}",
             "ignore_startup_parameters = extra_float_digits",

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from _pgbouncer import PgBouncer, PgBouncerMissing, find_pgbouncer
+from _pgbouncer import PgBouncer
 from _postgres import PostgresCluster
 from _support import ServerSampler, drained
 from _tenancy import Tenancy, observed
@@ -50,16 +50,6 @@ SELECT (SELECT pg_catalog.array_agg(name::text ORDER BY name) FROM pg_catalog.pg
          WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) AS advisory_locks,
        pg_catalog.pg_backend_pid() AS pid
 """
-
-
-@pytest.fixture(scope="module")
-def pgbouncer_binary() -> str:
-    try:
-        return find_pgbouncer()
-    except PgBouncerMissing as exc:
-        if os.environ.get("CI"):
-            raise  # CI installs it (.ci/run): a skip there would hide these tests
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
