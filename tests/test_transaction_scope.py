@@ -3,6 +3,8 @@ tenant's state, and tenantpool leaves nothing on the server session."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import AsyncIterator
 
 import anyio
@@ -12,7 +14,13 @@ from _postgres import PostgresCluster, quote_ident
 from _support import drained
 from _tenancy import Tenancy, observed
 
-from tenantpool import PoolSettings, Target, TenantPoolError, TenantPoolManager
+from tenantpool import (
+    ConnectionReleased,
+    PoolSettings,
+    Target,
+    TenantPoolError,
+    TenantPoolManager,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -245,3 +253,58 @@ async def test_session_and_transaction_pools_side_by_side(
             async with manager.with_connection("sess") as conn:
                 assert not conn.is_in_transaction()
                 assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == "sess"
+
+
+async def test_a_child_task_gets_a_connection_and_transaction_of_its_own(
+    pg: PostgresCluster, world: Tenancy
+) -> None:
+    pool = PoolSettings(max_size=2, acquire_timeout=10, state_scope="transaction")
+    async with TenantPoolManager(targets(pg, world), pool=pool) as manager:
+        xid = "SELECT pg_catalog.txid_current()"
+        async with manager.with_connection("t0") as parent:
+            parent_xid = await parent.fetchval(xid)
+
+            async def child() -> object:
+                assert manager.current_tenant() is None
+                async with manager.with_connection("t0") as own:
+                    assert own is not parent
+                    return await own.fetchval(xid)
+
+            assert await asyncio.create_task(child()) != parent_xid
+        # A kept reference never reaches the connection again.
+        with pytest.raises(ConnectionReleased):
+            await parent.fetchval("SELECT 1")
+
+
+async def test_cancellation_at_random_points_leaves_no_transaction_open(
+    pg: PostgresCluster, world: Tenancy
+) -> None:
+    pool = PoolSettings(max_size=3, acquire_timeout=10, state_scope="transaction")
+    rng = random.Random(4321)
+    async with TenantPoolManager(targets(pg, world), pool=pool) as manager:
+
+        async def worker(i: int) -> None:
+            tenant = world.tenants[i % len(world.tenants)]
+            async with manager.with_connection(tenant) as conn:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", i % 5)
+                    assert observed(await conn.fetchrow(world.check_sql)) == world.expected(tenant)
+                await conn.fetchval("SELECT pg_sleep(0.001)")
+
+        async def cancel_soon(i: int) -> None:
+            with anyio.move_on_after(rng.uniform(0, 0.01)):
+                await worker(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(cancel_soon, i)
+        await drained(manager)
+        stats = manager.stats()
+        assert stats.in_use == 0 and stats.total == stats.idle <= 3
+        states = await pg.fetch(
+            "SELECT state FROM pg_catalog.pg_stat_activity WHERE usename = $1", world.login
+        )
+        assert {r["state"] for r in states} <= {"idle"}
+        for tenant in world.tenants:
+            async with manager.with_connection(tenant) as conn:
+                assert observed(await conn.fetchrow(world.check_sql)) == world.expected(tenant)
