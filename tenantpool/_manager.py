@@ -14,10 +14,12 @@ import asyncpg
 
 from ._backoff import Backoff
 from ._capacity import Capacity
-from ._errors import ManagerClosed, NoCurrentConnection
+from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
 from ._pool import Pool, PooledConnection, SharedCapacity
+from ._quota import Quotas
+from ._resolver_cache import ResolverCache
 from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
 from ._settings import PoolSettings, SessionState, Target, redact_dsn, server_address
 from ._stats import Counters, ManagerStats
@@ -50,6 +52,7 @@ class TenantPoolManager:
         reconnect_delay: float = 0.1,
         reconnect_delay_max: float = 15.0,
         reconnect_jitter: bool = True,
+        resolver_ttl: float = 60.0,
     ) -> None:
         if max_total_connections is not None and max_total_connections < 1:
             raise ValueError("max_total_connections must be >= 1 or None")
@@ -66,7 +69,8 @@ class TenantPoolManager:
             raise ValueError("reconnect_delay_max must be >= reconnect_delay")
         if default_tenant is not None:
             validate_tenant_id(default_tenant)
-        self._resolver = TenantResolver(resolver)
+        self._resolver = ResolverCache(TenantResolver(resolver), resolver_ttl)
+        self._quotas = Quotas()
         self.max_total_connections = max_total_connections
         self.pool_settings = pool if pool is not None else PoolSettings()
         self.default_tenant = default_tenant
@@ -162,6 +166,37 @@ class TenantPoolManager:
         """Validate ``tenant`` and return its ``Target`` (``InvalidTenant``, ``UnknownTenant``)."""
         return await self._resolver.resolve(validate_tenant_id(tenant))
 
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Drop ``tenant``'s cached resolution (every tenant's if None): the next scope asks
+        the resolver again. Connections already open stay; ``expire`` replaces them."""
+        if tenant is not None:
+            validate_tenant_id(tenant)
+        self._resolver.invalidate(tenant)
+
+    async def expire(self, tenant: str | None = None) -> None:
+        """Replace the connections of ``tenant``'s pool (every pool's if None).
+
+        Idle connections are closed now, checked-out ones when they are released; checkouts
+        from now on get new connections. The tenant's cached resolution is dropped first, so
+        a resolver that now answers with new credentials is asked again (a new DSN is a new
+        pool; the old one's connections are replaced all the same).
+        """
+        if tenant is None:
+            self._resolver.invalidate()
+            pools = list(self._pools.values())
+        else:
+            validate_tenant_id(tenant)
+            old = self._resolver.cached(tenant)
+            self._resolver.invalidate(tenant)
+            keys = {old.pool_key} if old is not None else set()
+            try:
+                keys.add((await self._resolver.resolve(tenant)).pool_key)
+            except UnknownTenant:
+                if not keys:
+                    raise
+            pools = [self._pools[key] for key in keys if key in self._pools]
+        await asyncio.gather(*(pool.expire() for pool in pools))
+
     def _pool_for(self, target: Target) -> Pool:
         # Created without an await between lookup and insert, so concurrent first checkouts
         # of one target always share one pool.
@@ -200,10 +235,12 @@ class TenantPoolManager:
                 pool.hurry(SERVER_BACK_WINDOW)
 
     def _forget_unused(self, now: float) -> None:
-        """Drop pools that hold nothing and went unused for ``forget_after`` seconds.
+        """Drop pools that hold nothing and went unused for ``forget_after`` seconds, and
+        expired resolutions.
 
         Memory then stays bounded by recent tenants, not by every tenant ever seen.
         """
+        self._resolver.purge(now)
         for key, pool in list(self._pools.items()):
             if pool.forgettable(now, self.forget_after):
                 del self._pools[key]
@@ -266,12 +303,14 @@ class TenantPoolManager:
             max_total=self.max_total_connections,
             pools=MappingProxyType(per_pool),
             checkouts=counters.checkouts,
-            timeouts=counters.timeouts,
+            timeouts=counters.timeouts + self._quotas.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,
             backing_off=sum(s.backing_off for s in per_pool.values()),
             wait_time=counters.wait_times(),
+            quota_waiting=self._quotas.waiting,
+            quota_waits=self._quotas.waits,
         )
 
     async def health(self) -> HealthReport:
@@ -321,8 +360,9 @@ class _ScopeContext:
         self._scope: Scope | None = None
         self._owned = False
         self._token: Any = None
-        # What this block checked out, if it did: for commit_and_continue.
-        self._checkout: tuple[Pool, PooledConnection, SessionState] | None = None
+        # What this block checked out, if it did (for commit_and_continue), and whether it
+        # holds a place of its tenant's quota.
+        self._checkout: tuple[Pool, PooledConnection, SessionState, bool] | None = None
 
     async def __aenter__(self) -> TenantConnection:
         if self._scope is not None:
@@ -349,10 +389,20 @@ class _ScopeContext:
             manager._check_open()
             target = await manager._resolver.resolve(tenant)
             pool = manager._pool_for(target)
-            conn = await pool.acquire(target.session_state)
+            limit = target.max_in_use
+            if limit is None:
+                conn = await pool.acquire(target.session_state)
+            else:
+                quotas = manager._quotas
+                began = await quotas.enter(tenant, limit, pool.settings.acquire_timeout)
+                try:
+                    conn = await pool.acquire(target.session_state, started=began)
+                except BaseException:
+                    quotas.leave(tenant)
+                    raise
             scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
             self._owned = True
-            self._checkout = (pool, conn, target.session_state)
+            self._checkout = (pool, conn, target.session_state, limit is not None)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
         self._token = scopes.set((*scopes.get(), scope))
@@ -380,16 +430,19 @@ class _ScopeContext:
                 scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
         if self._owned:
             self._owned = False
-            self._checkout = None
+            checkout, self._checkout = self._checkout, None
             pool, conn, used = scope.end()
-            if pool.per_transaction:
-                if exc_type is None and used:
+            try:
+                if not pool.per_transaction:
+                    pool.release(conn, dirty=used)
+                elif exc_type is None and used:
                     await pool.commit(conn)
                 else:
                     # Nothing to keep: the rollback runs off the caller's path.
                     pool.release(conn, dirty=True)
-            else:
-                pool.release(conn, dirty=used)
+            finally:
+                if checkout is not None and checkout[3]:
+                    self._manager._quotas.leave(scope.tenant)
 
     async def commit_and_continue(self) -> None:
         """Per transaction, commit the scope's work so far and go on in a new transaction
@@ -399,5 +452,5 @@ class _ScopeContext:
         still use its connection afterwards (a streaming body, background tasks).
         """
         if self._checkout is not None and self._checkout[0].per_transaction:
-            pool, conn, state = self._checkout
+            pool, conn, state, _ = self._checkout
             await pool.commit_and_begin(conn, state)

@@ -51,6 +51,7 @@ class PooledConnection:
         "close_on_release",
         "created_at",
         "expires_at",
+        "generation",
         "guard_ready",
         "last_checked",
         "last_used",
@@ -58,9 +59,13 @@ class PooledConnection:
         "raw",
     )
 
-    def __init__(self, raw: asyncpg.Connection, settings: PoolSettings, draw: float) -> None:
+    def __init__(
+        self, raw: asyncpg.Connection, settings: PoolSettings, draw: float, generation: int = 0
+    ) -> None:
         now = time.monotonic()
         self.raw = raw
+        # The pool's generation when the connect began: expire() retires older ones.
+        self.generation = generation
         self.created_at = now
         self.last_used = now
         self.last_checked = now
@@ -138,6 +143,7 @@ class Pool:
         "_dispatching",
         "_drained",
         "_expiry_timer",
+        "_generation",
         "_idle",
         "_idle_by_state",
         "_in_use",
@@ -210,6 +216,7 @@ class Pool:
         # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
         # there only while someone waits (_forget_waiter cancels it with the last one).
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
 
@@ -260,16 +267,19 @@ class Pool:
 
     # -- checkout ----------------------------------------------------------------------------
 
-    async def acquire(self, state: SessionState) -> PooledConnection:
+    async def acquire(
+        self, state: SessionState, *, started: float | None = None
+    ) -> PooledConnection:
         """Check out a connection carrying session ``state``.
 
         Per transaction, the connection comes with its transaction open and ``state`` set in
-        it; idle connections then carry no state at all, so any of them will do.
+        it; idle connections then carry no state at all, so any of them will do. ``started``
+        is the loop time the checkout began waiting, if it already did (for its quota): the
+        ``acquire_timeout`` counts from then.
         """
         per_transaction = self.per_transaction
         wanted: SessionState = () if per_transaction else state
-        started: float | None = None
-        deadline = 0.0
+        deadline = 0.0 if started is None else started + self.settings.acquire_timeout
         while True:
             conn = None if self._waiters else self._take_idle(wanted)
             if conn is None:
@@ -448,6 +458,7 @@ class Pool:
         connection stays counted in ``_opening`` until its opener claims it.
         """
         admission: Admission | None = None
+        generation = self._generation
         try:
             if victim is not None:
                 await _close_gracefully(victim.raw, self.settings.connect_timeout)
@@ -486,7 +497,7 @@ class Pool:
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        return PooledConnection(raw, self.settings, self._lifetime_draw())
+        return PooledConnection(raw, self.settings, self._lifetime_draw(), generation)
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
@@ -557,7 +568,12 @@ class Pool:
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
-        if self._closed or conn.close_on_release or raw.is_closed():
+        if (
+            self._closed
+            or conn.close_on_release
+            or conn.generation != self._generation
+            or raw.is_closed()
+        ):
             self._discard(conn)
         elif conn.expires_at is not None and now >= conn.expires_at:
             self._counters.recycles += 1
@@ -686,7 +702,8 @@ class Pool:
 
     def _make_idle(self, conn: PooledConnection) -> None:
         """File a free connection: to this pool's first waiter, else idle (maybe stolen)."""
-        if self._closed or conn.applied is None:  # state unknown: never idle without a reset
+        # State unknown: never idle without a reset. Older than expire(): replaced.
+        if self._closed or conn.applied is None or conn.generation != self._generation:
             self._discard(conn)
             return
         self._idle[conn] = None
@@ -948,6 +965,20 @@ class Pool:
             # A pool promised min_size keeps trying to get there; the timer must not outlive it.
             and self._refill_timer is None
         )
+
+    async def expire(self) -> None:
+        """Replace every connection: idle ones are closed now, the others at their release.
+
+        After a password rotation or a role change, checkouts from now on get connections
+        opened from now on (one whose connect was already under way serves its checkout,
+        then goes too).
+        """
+        self._generation += 1
+        for conn in list(self._idle):
+            self._remove_idle(conn)
+            self._discard(conn)
+        if self._closers:
+            await asyncio.wait(list(self._closers))
 
     # -- shutdown ----------------------------------------------------------------------------
 

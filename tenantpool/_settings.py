@@ -89,6 +89,7 @@ class Target:
     role: str | None = None
     settings: Mapping[str, str] = field(default_factory=dict)
     pool: PoolSettings | None = None
+    max_in_use: int | None = None
     session_state: SessionState = field(init=False, repr=False, compare=False)
     # Identifies the pool: the DSN with its credentials, digested so that no dict key, debugger
     # or locals-printing traceback shows a password.
@@ -102,6 +103,7 @@ class Target:
         role: str | None = None,
         settings: Mapping[str, str] | None = None,
         pool: PoolSettings | None = None,
+        max_in_use: int | None = None,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
             raise ValueError("dsn must be a non-empty string")
@@ -119,11 +121,16 @@ class Target:
                 raise ValueError(f"setting {name!r} must be a string without NUL characters")
         if pool is not None and not isinstance(pool, PoolSettings):
             raise TypeError("pool must be a PoolSettings")
+        if max_in_use is not None and (
+            not isinstance(max_in_use, int) or isinstance(max_in_use, bool) or max_in_use < 1
+        ):
+            raise ValueError(f"max_in_use must be an int >= 1 or None, got {max_in_use!r}")
         object.__setattr__(self, "dsn", dsn)
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "role", role)
         object.__setattr__(self, "settings", frozen_settings)
         object.__setattr__(self, "pool", pool)
+        object.__setattr__(self, "max_in_use", max_in_use)
         # Settings first, role last: the login user may set what the tenant's role may not.
         state = [(name, frozen_settings[name]) for name in sorted(frozen_settings)]
         if schema is not None:
@@ -143,6 +150,8 @@ class Target:
             parts.append(f"settings={dict(self.settings)!r}")
         if self.pool is not None:
             parts.append(f"pool={self.pool!r}")
+        if self.max_in_use is not None:
+            parts.append(f"max_in_use={self.max_in_use}")
         return f"Target({', '.join(parts)})"
 
 
