@@ -31,6 +31,7 @@ SCENARIOS = (
     "memory",
     "cap_cost",
     "transaction_mode",
+    "noisy_neighbour",
 )
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,11 @@ one. So while pools holding more than their fair share of the cap (the cap divid
 and the pools queued here) keep connections for their own checkouts, every ``limit + 1``-th
 one is passed on to the first request of another pool instead: a queued request waits for at
 most about ``limit`` releases. Passing costs a reconnect, so pools within their share keep
-theirs, and shares settle instead of churning.
+theirs, and shares settle instead of churning. For the same reason a pool within its share
+keeps its idle connections from a pool at or over its own (a quiet tenant between two
+checkouts would otherwise lose its connection to the busy one each time, and wait for a
+connect every time): ``offer``, run by the background task, hands such kept connections to
+whoever queues, so one kept by a tenant that went quiet is lent out within a tick.
 
 The pools call it synchronously from their own state transitions and carry out its decisions.
 """
@@ -117,7 +121,7 @@ class Capacity(Generic[P, C, R]):
             if not self.saturated:
                 self.total += 1
                 return Grant(request)
-            victim = self._victim(exclude=pool)
+            victim = self._victim(exclude=pool, fair=True)
             if victim is not None:
                 return Steal(request, self._idle.pop(victim), victim)
         number = next(self._numbers)
@@ -155,14 +159,30 @@ class Capacity(Generic[P, C, R]):
         return None
 
     def became_idle(self, conn: C, pool: P) -> Steal[P, C, R] | None:
-        """``conn`` of ``pool`` is idle: steal it at once for a queued request of another pool."""
+        """``conn`` of ``pool`` is idle: steal it at once for a queued request of another pool,
+        unless ``pool`` is within its fair share and the requester is not."""
         if conn in self._idle:
             raise ValueError("connection is already idle")
-        request = self._first_of_another(pool)
+        request = self._first_of_another(pool, fair=True)
         if request is not None:
             return Steal(request, pool, conn)
         self._idle[conn] = pool
         return None
+
+    def offer(self) -> list[Steal[P, C, R]]:
+        """Steal idle connections for queued requests, fair shares aside: what pools within
+        their share kept back goes to whoever still queues (the background task's duty)."""
+        steals: list[Steal[P, C, R]] = []
+        while self._idle and self._queued:
+            for _, request, pool in self._live():
+                victim = self._victim(exclude=pool, fair=False)
+                if victim is not None:
+                    self._dequeue(request, pool)
+                    steals.append(Steal(request, self._idle.pop(victim), victim))
+                    break
+            else:
+                break  # every idle connection belongs to the pool of each queued request
+        return steals
 
     def pass_on(self, conn: C, pool: P) -> Steal[P, C, R] | None:
         """``pool`` got ``conn`` back and has checkouts of its own waiting: should the
@@ -205,22 +225,35 @@ class Capacity(Generic[P, C, R]):
         else:
             del self._queued_pools[pool]
 
-    def _first_of_another(self, pool: P) -> R | None:
-        """Take the first queued request of a pool other than ``pool`` out of the queue."""
+    def _first_of_another(self, pool: P, *, fair: bool = False) -> R | None:
+        """Take the first queued request of a pool other than ``pool`` out of the queue; with
+        ``fair``, the first that ``pool``'s fair share does not keep back."""
         if not self._queued_pools or self._queued_pools.keys() == {pool}:
             return None  # without scanning a long queue that is all ``pool``'s
         for _, request, wanting in self._live():
-            if wanting != pool:
+            if wanting != pool and not (fair and self._keeps(pool, wanting)):
                 self._dequeue(request, wanting)
                 return request
-        raise AssertionError("a queued pool is missing from the queue")
+        return None
+
+    def _keeps(self, pool: P, requester: P) -> bool:
+        """Whether ``pool`` keeps its idle connections from ``requester``: it holds no more than
+        its fair share, and the requester no less than its own."""
+        if self._size_of is None or self.limit is None:
+            return False
+        pools = self._queued_pools
+        competing = len(pools) + (pool not in pools) + (requester not in pools)
+        return self._size_of(pool) * competing <= self.limit <= self._size_of(requester) * competing
 
     # -- the victim --------------------------------------------------------------------------
 
-    def _victim(self, exclude: P) -> C | None:
+    def _victim(self, exclude: P, *, fair: bool) -> C | None:
+        """The idle connection to steal for a request of ``exclude``: least recently used
+        first, of a pool above its ``min_size`` first; with ``fair``, none that its pool's
+        fair share keeps."""
         fallback: C | None = None
         for conn, pool in self._idle.items():
-            if pool == exclude:
+            if pool == exclude or (fair and self._keeps(pool, exclude)):
                 continue
             if self._above_min(pool):
                 return conn

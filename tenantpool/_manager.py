@@ -17,7 +17,7 @@ from ._capacity import Capacity
 from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, PooledConnection, SharedCapacity
+from ._pool import Pool, PooledConnection, SharedCapacity, carry_out
 from ._quota import Quotas
 from ._resolver_cache import ResolverCache
 from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
@@ -92,7 +92,11 @@ class TenantPoolManager:
         self._maintenance = Maintenance(
             reap_interval,
             self._pools.values,
-            (("forget", self._forget_unused), ("saturation", self._watch_saturation)),
+            (
+                ("forget", self._forget_unused),
+                ("saturation", self._watch_saturation),
+                ("fair share", self._lend_kept),
+            ),
         )
         self._saturated_since: float | None = None
         self._started = False
@@ -247,6 +251,12 @@ class TenantPoolManager:
             if pool.forgettable(now, self.forget_after):
                 del self._pools[key]
                 self._pool_names.discard(pool.name)
+
+    def _lend_kept(self, now: float) -> None:
+        """Idle connections a pool within its fair share kept from busier pools go to whoever
+        still queues at the cap: kept for one tick at most."""
+        for steal in self._capacity.offer():
+            carry_out(self._capacity, steal)
 
     def _watch_saturation(self, now: float) -> float:
         """Seconds every slot under the cap has been busy (nothing idle to steal), else 0."""

@@ -9,7 +9,7 @@ its ``finally`` cannot leak the connection.
 The pools of one manager share a ``Capacity`` (the cap across pools) and a ``Counters``. A pool
 asks the capacity for a slot before it opens a connection, tells it when a connection becomes
 idle or stops being so, and when one is gone; the capacity's decisions (grant a slot to a queued
-request, steal an idle connection for one) are carried out by ``_carry_out`` on whichever pool
+request, steal an idle connection for one) are carried out by ``carry_out`` on whichever pool
 they name.
 """
 
@@ -32,7 +32,7 @@ from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavaila
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PooledConnection", "SharedCapacity"]
+__all__ = ["Pool", "PooledConnection", "SharedCapacity", "carry_out"]
 
 logger = logging.getLogger("tenantpool")
 
@@ -103,7 +103,7 @@ class _Waiter:
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
 
 
-def _carry_out(
+def carry_out(
     capacity: SharedCapacity,
     decision: Grant[_Waiter] | Steal[Pool, PooledConnection, _Waiter] | None,
 ) -> None:
@@ -719,12 +719,12 @@ class Pool:
         if self._waiters:
             passed = self._capacity.pass_on(conn, self)
             if passed is not None:  # over its fair share at the cap: another tenant's turn
-                _carry_out(self._capacity, passed)
+                carry_out(self._capacity, passed)
                 return
             self._dispatch()
             if conn not in self._idle:
                 return
-        _carry_out(self._capacity, self._capacity.became_idle(conn, self))
+        carry_out(self._capacity, self._capacity.became_idle(conn, self))
 
     def _discard(self, conn: PooledConnection) -> None:
         """Close a connection that is in none of the pool's collections.
@@ -750,7 +750,7 @@ class Pool:
 
     def _slot_freed(self) -> None:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
-        _carry_out(self._capacity, self._capacity.closed())
+        carry_out(self._capacity, self._capacity.closed())
         self._dispatch()
         if self._drained is not None and not self._in_use and not self._aside:
             self._drained.set()
@@ -839,7 +839,7 @@ class Pool:
                 waiter.queued = True
                 self._pending += 1
             else:
-                _carry_out(self._capacity, decision)
+                carry_out(self._capacity, decision)
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)

@@ -140,6 +140,9 @@ class CapacityMachine(RuleBasedStateMachine):
             self.limit, lambda p: self.model.size(p) > MIN_SIZE[p], self.model.size
         )
         self.kept = 0  # releases kept by a pool over its share while others were queued
+        # Idle connections a pool within its fair share kept from a queued request: allowed
+        # to stay idle until the next tick lends them out.
+        self.kept_idle: set[int] = set()
         self.ids = itertools.count()
 
     def apply(self, decision: Grant[str] | Steal[str, int, str] | None) -> None:
@@ -166,6 +169,10 @@ class CapacityMachine(RuleBasedStateMachine):
         request = f"{pool}:{next(self.ids)}"
         decision = self.cap.request(request, pool)
         if decision is None:
+            if not m.queued:  # it could have stolen: only fair shares may have kept it back
+                for conn, owner in m.idle.items():
+                    assert owner == pool or self.keeps(owner, pool), "a stealable idle conn"
+                    self.kept_idle.add(conn)
             m.queued.append((request, pool))
         else:
             self.apply(decision)
@@ -225,14 +232,18 @@ class CapacityMachine(RuleBasedStateMachine):
             assert self.cap.withdraw(request)
             return
         del m.in_use[conn]
+        m.idle[conn] = pool  # counted as the pool's while the capacity decides
+        eligible = [e for e in m.queued if e[1] != pool and not self.keeps(pool, e[1])]
         decision = self.cap.became_idle(conn, pool)
         if decision is None:
-            m.idle[conn] = pool
+            assert not eligible, "a request another pool's idle conn could serve was left"
+            if any(e[1] != pool for e in m.queued):
+                self.kept_idle.add(conn)
         else:
-            expected = next(entry for entry in m.queued if entry[1] != pool)
-            assert decision.request == expected[0], "steal must serve the first eligible"
-            m.queued.remove(expected)
-            m.closing[decision.request] = expected[1]
+            assert decision.request == eligible[0][0], "steal must serve the first eligible"
+            del m.idle[conn]
+            m.queued.remove(eligible[0])
+            m.closing[decision.request] = eligible[0][1]
 
     @precondition(lambda self: self.model.in_use or self.model.idle)
     @rule(data=st.data())
@@ -270,13 +281,33 @@ class CapacityMachine(RuleBasedStateMachine):
         assert self.cap.waiting == len(m.queued)
         assert self.cap.idle == len(m.idle)
 
+    def keeps(self, pool: str, requester: str) -> bool:
+        """The fair-share rule, from the model's side: ``pool`` within its share keeps its
+        idle connections from ``requester`` at or over its own."""
+        competing = len({p for _, p in self.model.queued} | {pool, requester})
+        size = self.model.size
+        return size(pool) * competing <= self.limit <= size(requester) * competing
+
+    @rule()
+    def tick(self) -> None:
+        """The background task lends out what fair shares kept back."""
+        for steal in self.cap.offer():
+            self.apply(steal)
+            entry = next(e for e in self.model.queued if e[0] == steal.request)
+            self.model.queued.remove(entry)
+            assert steal.pool != entry[1]
+        for _, pool in self.model.queued:
+            assert all(p == pool for p in self.model.idle.values()), "offer left one idle"
+        self.kept_idle.clear()
+
     @invariant()
     def nobody_waits_while_capacity_is_free(self) -> None:
         m = self.model
         if m.queued:
             assert self.cap.saturated
             for _, pool in m.queued:
-                assert all(p == pool for p in m.idle.values()), "a stealable idle conn exists"
+                for conn, owner in m.idle.items():
+                    assert owner == pool or conn in self.kept_idle, "a stealable idle conn"
 
 
 TestCapacityMachine = CapacityMachine.TestCase
