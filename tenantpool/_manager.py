@@ -26,6 +26,7 @@ from ._scope import (
     running_task,
     scopes,
 )
+from ._session import adopt_init_session
 from ._settings import PoolSettings, Target, dsn_secrets, redact_dsn, server_address
 from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
@@ -250,6 +251,7 @@ class TenantPoolManager:
             if self._init is not None:
                 try:
                     await self._init(raw)
+                    await adopt_init_session(raw, budget=settings.connect_timeout)
                 except BaseException:
                     raw.terminate()
                     raise
