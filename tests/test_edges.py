@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import subprocess
+import sys
+import tomllib
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -196,6 +200,21 @@ async def test_scopes_outside_asyncio_fail_clearly(manager: TenantPoolManager) -
     for exc in await anyio.to_thread.run_sync(in_thread):
         assert isinstance(exc, TenantPoolError)
         assert "asyncio" in str(exc)
+
+
+def test_anyio_is_neither_imported_nor_a_runtime_dependency() -> None:
+    root = Path(__file__).resolve().parent.parent
+    core = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in core if d.startswith("anyio")]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, tenantpool; assert 'anyio' not in sys.modules"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_under_trio_the_manager_says_it_needs_asyncio() -> None:
