@@ -11,7 +11,6 @@ from types import MappingProxyType
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 __all__ = [
-    "AmbiguousDsn",
     "DsnParts",
     "PoolSettings",
     "SessionState",
@@ -147,10 +146,6 @@ class Target:
         return f"Target({', '.join(parts)})"
 
 
-class AmbiguousDsn(ValueError):
-    """A DSN that asyncpg and libpq may read differently; its text is never shown."""
-
-
 @dataclass(frozen=True, slots=True)
 class DsnParts:
     """A URL DSN read the way asyncpg reads it: the connection parameters, password apart."""
@@ -181,7 +176,7 @@ def parse_dsn(dsn: str) -> DsnParts:
     then takes the text up to the *first* ``@``; libpq reads ``#`` and ``?`` as part of the
     password. A password holding an unencoded ``#``, ``?``, ``/`` or ``@`` therefore yields a
     different host, or a password read as a host name and shown in errors. Such DSNs, and any
-    ``@`` past the host part, raise ``AmbiguousDsn``, whose message quotes nothing of the DSN.
+    ``@`` past the host part, raise ``ValueError``, whose message quotes nothing of the DSN.
     """
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme.lower() not in _URL_SCHEMES:
@@ -189,11 +184,11 @@ def parse_dsn(dsn: str) -> DsnParts:
             "dsn must be a postgresql:// or postgres:// URL (asyncpg reads no other form)"
         )
     if "#" in rest:
-        raise AmbiguousDsn(_AMBIGUOUS.format(why="it holds a '#' (write it as %23)"))
+        raise ValueError(_AMBIGUOUS.format(why="it holds a '#' (write it as %23)"))
     netloc = re.split(r"[/?]", rest, maxsplit=1)[0]
     after = rest[len(netloc) :]
     if "@" in after or netloc.count("@") > 1:
-        raise AmbiguousDsn(
+        raise ValueError(
             _AMBIGUOUS.format(why="an '@' is not the one ending the user info (write it as %40)")
         )
     userinfo, _, hostspec = netloc.rpartition("@")
@@ -241,7 +236,7 @@ def redact_dsn(dsn: str) -> str:
 
     A ``postgresql://`` URL keeps its user, hosts, ports, database and non-secret query
     parameters; a libpq ``key=value`` string keeps its non-secret pairs. A URL whose reading is
-    ambiguous raises ``AmbiguousDsn`` (see ``parse_dsn``) rather than guess what is secret.
+    ambiguous raises ``ValueError`` (see ``parse_dsn``) rather than guess what is secret.
     """
     if "://" not in dsn:
         pairs = [(k, v) for k, v in _conninfo_pairs(dsn) if k.lower() not in _SECRET_PARAMS]
