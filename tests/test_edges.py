@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,12 @@ async def test_outer_scope_exited_first_is_not_resurrected(manager: TenantPoolMa
 async def test_exit_stack_misuse_leaves_no_ended_scope_current(pg: PostgresCluster) -> None:
     targets = {t: Target(pg.dsn(), settings={"app.tenant_id": t}) for t in TENANTS}
     async with TenantPoolManager(targets, pool=PoolSettings(max_size=2)) as manager:
-        outer = manager.with_connection("acme")
-        inner = manager.with_connection("globex")
-        await outer.__aenter__()
-        await inner.__aenter__()
-        await outer.__aexit__(None, None, None)
-        # globex is still open: it stays the current one, acme's ended scope does not return.
-        assert manager.current_tenant() == "globex"
-        await inner.__aexit__(None, None, None)
+        stack = AsyncExitStack()
+        await stack.enter_async_context(manager.with_connection("acme"))
+        async with manager.with_connection("globex"):
+            await stack.aclose()  # acme's scope ends while globex's is open
+            # globex stays the current one; acme's ended scope does not come back.
+            assert manager.current_tenant() == "globex"
         assert manager.current_tenant() is None
         with pytest.raises(NoCurrentConnection):
             manager.current_connection()
