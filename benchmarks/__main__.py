@@ -22,7 +22,16 @@ from typing import Any
 
 from ._harness import Context, PostgresCluster, Report
 
-SCENARIOS = ("checkout", "throughput", "many_tenants", "http", "reconnect", "memory", "cap_cost")
+SCENARIOS = (
+    "checkout",
+    "throughput",
+    "many_tenants",
+    "http",
+    "reconnect",
+    "memory",
+    "cap_cost",
+    "transaction_mode",
+)
 HERE = Path(__file__).resolve().parent
 
 

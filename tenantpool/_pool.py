@@ -51,6 +51,7 @@ class PooledConnection:
         "close_on_release",
         "created_at",
         "expires_at",
+        "generation",
         "guard_ready",
         "last_checked",
         "last_used",
@@ -58,9 +59,13 @@ class PooledConnection:
         "raw",
     )
 
-    def __init__(self, raw: asyncpg.Connection, settings: PoolSettings, draw: float) -> None:
+    def __init__(
+        self, raw: asyncpg.Connection, settings: PoolSettings, draw: float, generation: int = 0
+    ) -> None:
         now = time.monotonic()
         self.raw = raw
+        # The pool's generation when the connect began: expire() retires older ones.
+        self.generation = generation
         self.created_at = now
         self.last_used = now
         self.last_checked = now
@@ -138,6 +143,7 @@ class Pool:
         "_dispatching",
         "_drained",
         "_expiry_timer",
+        "_generation",
         "_idle",
         "_idle_by_state",
         "_in_use",
@@ -154,6 +160,7 @@ class Pool:
         "checkouts",
         "last_used",
         "name",
+        "per_transaction",
         "server",
         "settings",
     )
@@ -178,6 +185,7 @@ class Pool:
         self._on_back = on_back
         self._refill_spread = refill_spread
         self.settings = settings
+        self.per_transaction = settings.state_scope == "transaction"
         self._connect = connect
         self._secrets = secrets
         self._capacity = capacity
@@ -208,6 +216,7 @@ class Pool:
         # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
         # there only while someone waits (_forget_waiter cancels it with the last one).
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
 
@@ -258,22 +267,37 @@ class Pool:
 
     # -- checkout ----------------------------------------------------------------------------
 
-    async def acquire(self, state: SessionState) -> PooledConnection:
-        """Check out a connection carrying session ``state``."""
-        started: float | None = None
-        deadline = 0.0
+    async def acquire(
+        self, state: SessionState, *, started: float | None = None
+    ) -> PooledConnection:
+        """Check out a connection carrying session ``state``.
+
+        Per transaction, the connection comes with its transaction open and ``state`` set in
+        it; idle connections then carry no state at all, so any of them will do. ``started``
+        is the loop time the checkout began waiting, if it already did (for its quota): the
+        ``acquire_timeout`` counts from then.
+        """
+        per_transaction = self.per_transaction
+        wanted: SessionState = () if per_transaction else state
+        deadline = 0.0 if started is None else started + self.settings.acquire_timeout
         while True:
-            conn = None if self._waiters else self._take_idle(state)
+            conn = None if self._waiters else self._take_idle(wanted)
             if conn is None:
                 if started is None:
                     started = asyncio.get_running_loop().time()
                     deadline = started + self.settings.acquire_timeout
-                conn = await self._acquire_slow(state, deadline)
-            if conn.applied != state:
+                conn = await self._acquire_slow(wanted, deadline)
+            if per_transaction or conn.applied != state:
                 try:
-                    await _session.apply_state(
-                        conn.raw, conn.applied or (), state, budget=self.settings.connect_timeout
-                    )
+                    if per_transaction:
+                        await _session.begin(conn.raw, state, budget=self.settings.connect_timeout)
+                    else:
+                        await _session.apply_state(
+                            conn.raw,
+                            conn.applied or (),
+                            state,
+                            budget=self.settings.connect_timeout,
+                        )
                 except BaseException as exc:
                     conn.applied = None
                     self.release(conn, dirty=True)
@@ -283,7 +307,7 @@ class Pool:
                         # A connection that died while idle (a server restart): try another.
                         continue
                     raise self._apply_failed(exc) from exc
-                conn.applied = state
+                conn.applied = wanted
             self.checkouts += 1
             self._counters.checkouts += 1
             if started is not None:
@@ -434,6 +458,7 @@ class Pool:
         connection stays counted in ``_opening`` until its opener claims it.
         """
         admission: Admission | None = None
+        generation = self._generation
         try:
             if victim is not None:
                 await _close_gracefully(victim.raw, self.settings.connect_timeout)
@@ -472,7 +497,7 @@ class Pool:
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        return PooledConnection(raw, self.settings, self._lifetime_draw())
+        return PooledConnection(raw, self.settings, self._lifetime_draw(), generation)
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
@@ -543,7 +568,12 @@ class Pool:
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
-        if self._closed or conn.close_on_release or raw.is_closed():
+        if (
+            self._closed
+            or conn.close_on_release
+            or conn.generation != self._generation
+            or raw.is_closed()
+        ):
             self._discard(conn)
         elif conn.expires_at is not None and now >= conn.expires_at:
             self._counters.recycles += 1
@@ -560,9 +590,51 @@ class Pool:
         else:
             self._make_idle(conn)
 
+    async def commit(self, conn: PooledConnection) -> None:
+        """End a per-transaction scope that used its connection and raised nothing.
+
+        The commit is the caller's to wait for: its error (a deferred constraint, a
+        serialization failure) is the scope's. The connection comes back whatever happens,
+        a cancellation included; after a failure, through the rollback of a reset.
+        """
+        raw = conn.raw
+        committed = False
+        try:
+            self._check_scope_transaction(raw)
+            await raw.execute("COMMIT")
+            committed = True
+        finally:
+            if committed:
+                _session.forget_client_state(raw)
+            self.release(conn, dirty=not committed)
+
+    async def commit_and_begin(self, conn: PooledConnection, state: SessionState) -> None:
+        """Commit a per-transaction scope's work so far and open its next transaction."""
+        raw = conn.raw
+        self._check_scope_transaction(raw)
+        # One round trip: a failed COMMIT stops the script before the BEGIN.
+        await raw.execute("COMMIT; " + _session.begin_script(state))
+
+    def _check_scope_transaction(self, raw: asyncpg.Connection) -> None:
+        if not raw.is_in_transaction():
+            raise TenantPoolError(
+                f"the scope's transaction on {self.name} was ended inside the scope"
+                " (a COMMIT or ROLLBACK in user code): with state_scope='transaction',"
+                " statements after it ran without the tenant's state; use"
+                " conn.transaction() for a nested transaction (a savepoint)"
+            )
+
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
         await _session.settle(raw, budget=self.settings.connect_timeout)
+        if self.per_transaction:
+            # The scope's transaction is all tenantpool set, so its rollback is the whole
+            # reset; a session-wide clean-up would run, behind a transaction pooler, on
+            # whichever server connection the pooler picks, another client's perhaps.
+            if raw.is_in_transaction():
+                await raw.execute("ROLLBACK")
+            conn.applied = ()
+            return
         wanted, conn.next_state = conn.next_state, None
         if wanted is not None and wanted != conn.applied:
             try:
@@ -632,7 +704,8 @@ class Pool:
 
     def _make_idle(self, conn: PooledConnection) -> None:
         """File a free connection: to this pool's first waiter, else idle (maybe stolen)."""
-        if self._closed or conn.applied is None:  # state unknown: never idle without a reset
+        # State unknown: never idle without a reset. Older than expire(): replaced.
+        if self._closed or conn.applied is None or conn.generation != self._generation:
             self._discard(conn)
             return
         self._idle[conn] = None
@@ -894,6 +967,20 @@ class Pool:
             # A pool promised min_size keeps trying to get there; the timer must not outlive it.
             and self._refill_timer is None
         )
+
+    async def expire(self) -> None:
+        """Replace every connection: idle ones are closed now, the others at their release.
+
+        After a password rotation or a role change, checkouts from now on get connections
+        opened from now on (one whose connect was already under way serves its checkout,
+        then goes too).
+        """
+        self._generation += 1
+        for conn in list(self._idle):
+            self._remove_idle(conn)
+            self._discard(conn)
+        if self._closers:
+            await asyncio.wait(list(self._closers))
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ __all__ = [
     "adopt_init_session",
     "apply_state",
     "baseline_of",
+    "begin",
+    "begin_script",
     "forget_client_state",
     "quote_literal",
     "reset_script",
@@ -213,8 +215,9 @@ def use_statement_cache(raw: asyncpg.Connection, state: SessionState) -> None:
     con: Any = raw
     caches = _caches.get(raw)
     if caches is None:
-        if path is None:
-            return  # never left the default search_path: the common case costs a lookup
+        if path is None or not con._stmt_cache.get_max_size():
+            # Never left the default search_path, or no cache: the common case costs a lookup.
+            return
         caches = _caches[raw] = {None: con._stmt_cache}
     if caches.get(path) is con._stmt_cache:
         return
@@ -278,3 +281,31 @@ async def settle(raw: asyncpg.Connection, *, budget: float) -> None:
     protocol: Any = getattr(raw, "_protocol", None)
     if protocol is not None and protocol._is_cancelling():
         await protocol._wait_for_cancellation(budget)
+
+
+# -- state_scope="transaction": the tenant's state lives and dies with the scope's transaction
+
+
+@functools.lru_cache(maxsize=4096)
+def begin_script(state: SessionState) -> str:
+    """``BEGIN`` and ``state`` set transaction-locally: one simple-query round trip.
+
+    Nothing in it outlives the transaction, so behind a transaction pooler no other client can
+    find it on the server connection afterwards.
+    """
+    calls = ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, true)"
+        for name, value in state
+    )
+    return f"BEGIN; SELECT {calls};" if calls else "BEGIN;"
+
+
+async def begin(raw: asyncpg.Connection, state: SessionState, *, budget: float) -> None:
+    """Open a scope's transaction on ``raw`` carrying ``state``."""
+    await raw.execute(begin_script(state), timeout=budget)
+    use_statement_cache(raw, state)  # when the user turned asyncpg's cache back on
+    # asyncpg's transaction() refuses to start inside a transaction it did not open itself;
+    # told one is open, it nests as a savepoint, which is what user code inside a scope means.
+    # The scope's release (forget_client_state) clears it again.
+    con: Any = raw
+    con._top_xact = raw.transaction()

@@ -8,18 +8,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 __all__ = [
     "DsnParts",
     "PoolSettings",
     "SessionState",
+    "StateScope",
     "Target",
     "dsn_secrets",
     "parse_dsn",
     "redact_dsn",
     "server_address",
 ]
+
+StateScope = Literal["session", "transaction"]
 
 # The session state a checkout applies: ordered (setting, value) pairs for set_config().
 SessionState = tuple[tuple[str, str], ...]
@@ -44,8 +48,15 @@ class PoolSettings:
     max_age: float | None = 3600.0
     max_age_jitter: float = 0.1
     keepalive_interval: float | None = 60.0
+    # "transaction": each scope is one transaction carrying the tenant's state transaction-
+    # locally, and nothing is left on the server session (safe behind transaction poolers).
+    state_scope: StateScope = "session"
 
     def __post_init__(self) -> None:
+        if self.state_scope not in ("session", "transaction"):
+            raise ValueError(
+                f"state_scope must be 'session' or 'transaction', got {self.state_scope!r}"
+            )
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
         if self.max_size < 1:
@@ -88,6 +99,7 @@ class Target:
     role: str | None = None
     settings: Mapping[str, str] = field(default_factory=dict)
     pool: PoolSettings | None = None
+    max_in_use: int | None = None
     session_state: SessionState = field(init=False, repr=False, compare=False)
     # Identifies the pool: the DSN with its credentials, digested so that no dict key, debugger
     # or locals-printing traceback shows a password.
@@ -101,6 +113,7 @@ class Target:
         role: str | None = None,
         settings: Mapping[str, str] | None = None,
         pool: PoolSettings | None = None,
+        max_in_use: int | None = None,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
             raise ValueError("dsn must be a non-empty string")
@@ -119,11 +132,16 @@ class Target:
                 raise ValueError(f"setting {name!r} must be a string without NUL characters")
         if pool is not None and not isinstance(pool, PoolSettings):
             raise TypeError("pool must be a PoolSettings")
+        if max_in_use is not None and (
+            not isinstance(max_in_use, int) or isinstance(max_in_use, bool) or max_in_use < 1
+        ):
+            raise ValueError(f"max_in_use must be an int >= 1 or None, got {max_in_use!r}")
         object.__setattr__(self, "dsn", dsn)
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "role", role)
         object.__setattr__(self, "settings", frozen_settings)
         object.__setattr__(self, "pool", pool)
+        object.__setattr__(self, "max_in_use", max_in_use)
         # Settings first, role last: the login user may set what the tenant's role may not.
         state = [(name, frozen_settings[name]) for name in sorted(frozen_settings)]
         if schema is not None:
@@ -143,6 +161,8 @@ class Target:
             parts.append(f"settings={dict(self.settings)!r}")
         if self.pool is not None:
             parts.append(f"pool={self.pool!r}")
+        if self.max_in_use is not None:
+            parts.append(f"max_in_use={self.max_in_use}")
         return f"Target({', '.join(parts)})"
 
 
