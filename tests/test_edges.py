@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import asyncpg
@@ -329,8 +329,9 @@ async def test_a_setting_another_tenant_defined_reads_null_with_the_documented_i
 # -- schemas whose tables differ -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("state_scope", ["session", "transaction"])
 async def test_schema_tenants_with_differing_tables_share_a_pool_inside_transactions(
-    pg: PostgresCluster,
+    pg: PostgresCluster, state_scope: Literal["session", "transaction"]
 ) -> None:
     schemas = {t: unique_name(t) for t in TENANTS}
     admin = await asyncpg.connect(pg.dsn())
@@ -348,7 +349,12 @@ async def test_schema_tenants_with_differing_tables_share_a_pool_inside_transact
             return [tuple(r) for r in await conn.fetch("SELECT * FROM items")]
 
     try:
-        async with TenantPoolManager(targets, pool=PoolSettings(max_size=1)) as manager:
+        async with TenantPoolManager(
+            targets,
+            pool=PoolSettings(max_size=1, state_scope=state_scope),
+            # Per transaction the cache is off by default: on, it must be split by schema too.
+            connect_kwargs={"statement_cache_size": 100},
+        ) as manager:
             for _ in range(3):
                 assert await read(manager, "acme") == [(1,)]
                 assert await read(manager, "globex") == [(2, "new")]
