@@ -99,7 +99,9 @@ class TenantPoolManager:
         self._pool_names: set[str] = set()
         # Pools whose connections exceed their min_size give up idle ones first at the cap.
         self._capacity: SharedCapacity = Capacity(
-            max_total_connections, lambda pool: pool.size > pool.settings.min_size
+            max_total_connections,
+            lambda pool: pool.size > pool.settings.min_size,
+            lambda pool: pool.size,
         )
         self._counters = Counters()
         self._maintenance = Maintenance(
@@ -408,12 +410,12 @@ class _ScopeContext:
             pool = manager._pool_for(target)
             limit = target.max_in_use
             if limit is None:
-                conn = await pool.acquire(target.session_state)
+                conn = await pool.acquire(target.session_state, tenant=tenant)
             else:
                 quotas = manager._quotas
                 began = await quotas.enter(tenant, limit, pool.settings.acquire_timeout)
                 try:
-                    conn = await pool.acquire(target.session_state, started=began)
+                    conn = await pool.acquire(target.session_state, tenant=tenant, started=began)
                 except BaseException:
                     quotas.leave(tenant)
                     raise

@@ -84,9 +84,9 @@ class PooledConnection:
 class _Waiter:
     """A checkout waiting for a connection of its pool or for a slot under the cap."""
 
-    __slots__ = ("deadline", "future", "pool", "queued", "since", "state")
+    __slots__ = ("deadline", "future", "pool", "queued", "since", "state", "tenant")
 
-    def __init__(self, pool: Pool, state: SessionState, deadline: float) -> None:
+    def __init__(self, pool: Pool, state: SessionState, deadline: float, tenant: str) -> None:
         loop = asyncio.get_running_loop()
         # The result is an idle connection handed over, or the task opening one for it.
         self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
@@ -94,6 +94,7 @@ class _Waiter:
         )
         self.pool = pool
         self.state = state
+        self.tenant = tenant  # waiters are served round robin across tenants
         self.queued = False  # in the capacity's queue, waiting for a slot
         self.since = loop.time()
         self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
@@ -156,6 +157,7 @@ class Pool:
         "_refill_timer",
         "_secrets",
         "_tasks",
+        "_turns",
         "_waiters",
         "checkouts",
         "last_used",
@@ -204,6 +206,10 @@ class Pool:
         self._closing = 0
         # Checkouts in arrival order; a dict so that any of them leaves in O(1).
         self._waiters: dict[_Waiter, None] = {}
+        # The same waiters by tenant, tenants in the order their turn comes: one served goes
+        # to the back, so a tenant with one checkout waiting is next after at most one of
+        # each other tenant's, however many they have queued.
+        self._turns: dict[str, dict[_Waiter, None]] = {}
         self._pending = 0  # waiters queued at the capacity
         self._dispatching = False
         self._dispatch_again = False
@@ -268,7 +274,7 @@ class Pool:
     # -- checkout ----------------------------------------------------------------------------
 
     async def acquire(
-        self, state: SessionState, *, started: float | None = None
+        self, state: SessionState, *, tenant: str = "", started: float | None = None
     ) -> PooledConnection:
         """Check out a connection carrying session ``state``.
 
@@ -286,7 +292,7 @@ class Pool:
                 if started is None:
                     started = asyncio.get_running_loop().time()
                     deadline = started + self.settings.acquire_timeout
-                conn = await self._acquire_slow(wanted, deadline)
+                conn = await self._acquire_slow(wanted, deadline, tenant)
             if per_transaction or conn.applied != state:
                 try:
                     if per_transaction:
@@ -326,14 +332,17 @@ class Pool:
             retry_after=_TIMEOUT_RETRY_AFTER,
         )
 
-    async def _acquire_slow(self, state: SessionState, deadline: float) -> PooledConnection:
+    async def _acquire_slow(
+        self, state: SessionState, deadline: float, tenant: str
+    ) -> PooledConnection:
         if self._closed:
             raise ManagerClosed("the manager is closed")
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state, deadline)
+        waiter = _Waiter(self, state, deadline, tenant)
         self._waiters[waiter] = None
+        self._turns.setdefault(tenant, {})[waiter] = None
         self._dispatch()
         timer = self._expiry_timer
         if not waiter.future.done() and (timer is None or timer.when() > deadline):
@@ -445,7 +454,7 @@ class Pool:
 
     def _start_open(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
         """Hand ``waiter`` a slot: it gets the task opening its connection."""
-        self._forget_waiter(waiter)
+        self._forget_waiter(waiter, served=True)
         self._opening += 1
         task = asyncio.get_running_loop().create_task(self._open(victim))
         self._track(task)
@@ -583,9 +592,8 @@ class Pool:
             # Connections come back from their resets about in the order they went, and each
             # goes to the first waiter left: reset this one straight to the state of the waiter
             # it will likely serve, sparing that checkout the round trip of a tenant switch.
-            for waiter in islice(self._waiters, len(self._aside), None):
+            for waiter in self._fair_order(len(self._aside) + 1)[len(self._aside) :]:
                 conn.next_state = waiter.state
-                break
             self._set_aside(conn, self._reset)
         else:
             self._make_idle(conn)
@@ -711,6 +719,10 @@ class Pool:
         self._idle[conn] = None
         self._idle_by_state.setdefault(conn.applied, {})[conn] = None
         if self._waiters:
+            passed = self._capacity.pass_on(conn, self)
+            if passed is not None:  # over its fair share at the cap: another tenant's turn
+                _carry_out(self._capacity, passed)
+                return
             self._dispatch()
             if conn not in self._idle:
                 return
@@ -745,9 +757,16 @@ class Pool:
         if self._drained is not None and not self._in_use and not self._aside:
             self._drained.set()
 
-    def _forget_waiter(self, waiter: _Waiter) -> None:
+    def _forget_waiter(self, waiter: _Waiter, *, served: bool = False) -> None:
         if waiter in self._waiters:
             del self._waiters[waiter]
+            tenant = waiter.tenant
+            turn = self._turns[tenant]
+            del turn[waiter]
+            if not turn:
+                del self._turns[tenant]
+            elif served:
+                self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
             if not self._waiters and self._expiry_timer is not None:
                 # Nobody left to time out; a pending timer would also keep a forgotten pool
                 # alive until it fired.
@@ -774,20 +793,38 @@ class Pool:
         finally:
             self._dispatching = False
 
+    def _fair_order(self, limit: int) -> list[_Waiter]:
+        """The first ``limit`` waiters in the order they are to be served: round robin across
+        tenants, whose turn comes first, and first come first served within a tenant."""
+        if len(self._turns) <= 1:
+            return list(islice(self._waiters, limit))
+        order: list[_Waiter] = []
+        lines = [iter(turn) for turn in islice(self._turns.values(), limit)]
+        while lines:
+            going = []
+            for line in lines:
+                waiter = next(line, None)
+                if waiter is not None:
+                    order.append(waiter)
+                    if len(order) == limit:
+                        return order
+                    going.append(line)
+            lines = going
+        return order
+
     def _dispatch_once(self) -> None:
-        waiters = self._waiters
-        if not waiters:
+        if not self._waiters:
             return
         max_size = self.settings.max_size
         # Past this many, every waiter is either queued at the capacity or has no room.
-        for waiter in list(islice(waiters, len(self._idle) + max_size + 1)):
+        for waiter in self._fair_order(len(self._idle) + max_size + 1):
             if waiter.future.done():
                 self._forget_waiter(waiter)
                 continue
             if self._idle:
                 conn = self._take_idle(waiter.state)
                 if conn is not None:
-                    self._forget_waiter(waiter)
+                    self._forget_waiter(waiter, served=True)
                     waiter.future.set_result(conn)
                     continue
             if waiter.queued:

@@ -57,7 +57,8 @@ async def test_pools_are_created_lazily_and_once(pg: PostgresCluster, login: str
         return Target(dsn, settings={"app.tenant_id": tenant})
 
     settings = PoolSettings(max_size=5, acquire_timeout=20)
-    async with TenantPoolManager(resolver, pool=settings) as manager:
+    # No resolver cache: every first checkout resolves, and they interleave.
+    async with TenantPoolManager(resolver, pool=settings, resolver_ttl=0) as manager:
         assert manager.stats().pools == {}
         assert await server_connections(pg, login) == 0
 
