@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -20,8 +19,24 @@ from ._maintenance import Maintenance
 from ._pool import Pool, PooledConnection, SharedCapacity, carry_out
 from ._quota import Quotas
 from ._resolver_cache import ResolverCache
-from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
-from ._settings import PoolSettings, SessionState, Target, redact_dsn, server_address
+from ._scope import (
+    Scope,
+    TenantConnection,
+    current_scope,
+    find_scope,
+    pop_scope,
+    running_task,
+    scopes,
+)
+from ._session import adopt_init_session
+from ._settings import (
+    PoolSettings,
+    SessionState,
+    Target,
+    dsn_secrets,
+    redact_dsn,
+    server_address,
+)
 from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
@@ -108,6 +123,7 @@ class TenantPoolManager:
         """Make the manager ready for checkouts."""
         if self._closed:
             raise ManagerClosed("a closed manager cannot be started again")
+        running_task()  # asyncio only: fail here, clearly, rather than deep in asyncpg
         self._started = True
         self._maintenance.start()
 
@@ -150,6 +166,10 @@ class TenantPoolManager:
 
     def with_connection(self, tenant: str) -> _ScopeContext:
         """A scope holding ``tenant``'s connection: ``async with manager.with_connection(t)``."""
+        if not isinstance(tenant, str):
+            # None included: it is no tenant, not "the current or default one" (that is
+            # connection()), so that a missing header never reaches the default tenant.
+            validate_tenant_id(tenant)
         return _ScopeContext(self, tenant)
 
     def connection(self) -> _ScopeContext:
@@ -214,7 +234,7 @@ class TenantPoolManager:
                 self._unique_name(redact_dsn(target.dsn)),
                 settings,
                 self._connector(target.dsn, settings),
-                secrets=_secrets_of(target.dsn),
+                secrets=_secrets_of(target.dsn, self._connect_kwargs),
                 capacity=self._capacity,
                 counters=self._counters,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
@@ -294,6 +314,7 @@ class TenantPoolManager:
             if self._init is not None:
                 try:
                     await self._init(raw)
+                    await adopt_init_session(raw, budget=settings.connect_timeout)
                 except BaseException:
                     raw.terminate()
                     raise
@@ -350,28 +371,23 @@ def _no_jitter() -> float:
     return 1.0
 
 
-def _secrets_of(dsn: str) -> tuple[str, ...]:
-    """The password of a DSN in the forms it may appear in, to scrub it from messages."""
-    try:
-        password = urlsplit(dsn).password
-    except ValueError:
-        password = None
-    if not password:
-        return ()
-    return tuple({password, unquote(password)})
+def _secrets_of(dsn: str, connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The passwords a pool connects with, in the forms they may appear in, to scrub them."""
+    found = dsn_secrets(dsn)
+    extra = connect_kwargs.get("password")
+    return (*found, extra) if isinstance(extra, str) and extra else found
 
 
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant", "_token")
+    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
         self._tenant = tenant
         self._scope: Scope | None = None
         self._owned = False
-        self._token: Any = None
         # What this block checked out, if it did (for commit_and_continue), and whether it
         # holds a place of its tenant's quota.
         self._checkout: tuple[Pool, PooledConnection, SessionState, bool] | None = None
@@ -381,8 +397,9 @@ class _ScopeContext:
             raise RuntimeError("this scope context is already in use; call with_connection again")
         manager = self._manager
         tenant = self._tenant
+        task = running_task()
         if tenant is None:  # manager.connection()
-            scope = current_scope(manager)
+            scope = current_scope(manager, task)
             if scope is None:
                 if manager.default_tenant is None:
                     raise NoCurrentConnection(
@@ -390,12 +407,12 @@ class _ScopeContext:
                         " and no default_tenant is set"
                     )
                 tenant = manager.default_tenant
-                scope = find_scope(manager, tenant)
+                scope = find_scope(manager, tenant, task)
         else:
             validate_tenant_id(tenant)
             # The same tenant nested in this task reuses the outer connection: no second
             # checkout, so no deadlock at max_size=1.
-            scope = find_scope(manager, tenant)
+            scope = find_scope(manager, tenant, task)
         if scope is None:
             assert tenant is not None  # set whenever no scope was found
             manager._check_open()
@@ -412,12 +429,12 @@ class _ScopeContext:
                 except BaseException:
                     quotas.leave(tenant)
                     raise
-            scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
+            scope = Scope(manager, tenant, pool, conn, task)
             self._owned = True
             self._checkout = (pool, conn, target.session_state, limit is not None)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
-        self._token = scopes.set((*scopes.get(), scope))
+        scopes.set((*scopes.get(), scope))
         return scope.proxy
 
     async def __aexit__(
@@ -431,15 +448,7 @@ class _ScopeContext:
         self._scope = None
         # No await until the release: a cancellation cannot cut it short (a commit, the one
         # await, gives the connection back itself whatever happens).
-        try:
-            scopes.reset(self._token)
-        except ValueError:
-            # Exited in another context than entered (some frameworks do): drop just this entry,
-            # if this context holds it at all.
-            stack = scopes.get()
-            found = [i for i, s in enumerate(stack) if s is scope]
-            if found:
-                scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
+        pop_scope(scope)
         if self._owned:
             self._owned = False
             checkout, self._checkout = self._checkout, None

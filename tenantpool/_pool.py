@@ -664,6 +664,7 @@ class Pool:
                 in_transaction=raw.is_in_transaction(),
                 guard_ready=conn.guard_ready,
                 deallocate=deallocate,
+                baseline=_session.baseline_of(raw),
             )
             try:
                 # No timeout here: a timer per release costs more than the query's own client
@@ -674,6 +675,7 @@ class Pool:
                 if deallocate:
                     raise
         conn.guard_ready = True
+        _session.use_statement_cache(raw, state)
 
     async def _ping(self, conn: PooledConnection) -> None:
         await conn.raw.execute("SELECT 1")  # bounded by the watchdog, as resets are
