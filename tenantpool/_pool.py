@@ -56,6 +56,7 @@ class PooledConnection:
         "last_checked",
         "last_used",
         "next_state",
+        "per_transaction",
         "raw",
     )
 
@@ -66,6 +67,8 @@ class PooledConnection:
         self.raw = raw
         # The pool's generation when the connect began: expire() retires older ones.
         self.generation = generation
+        # Its scopes are transactions (state_scope="transaction"): no session state allowed.
+        self.per_transaction = settings.state_scope == "transaction"
         self.created_at = now
         self.last_used = now
         self.last_checked = now

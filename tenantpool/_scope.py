@@ -37,6 +37,8 @@ __all__ = [
 # Calls that change client-side state we cannot cheaply undo: the connection is closed at
 # release instead of being handed to another scope.
 _POISONING = frozenset({"set_type_codec", "reset_type_codec", "set_builtin_type_codec"})
+# Calls that leave state in the server session, which a per-transaction scope must not.
+_SESSION_ONLY = frozenset({"add_listener"})
 # Calls that only read client-side state: they cannot dirty the session, so they do not make
 # the release pay for a reset.
 _INERT = frozenset(
@@ -121,12 +123,22 @@ class TenantConnection(_ProxyBase):
 
 def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     poisons = name in _POISONING
+    session_only = name in _SESSION_ONLY
     if inspect.iscoroutinefunction(original):
 
         async def async_method(self: TenantConnection, *args: Any, **kwargs: Any) -> Any:
             raw = self._live()
-            if poisons and self._conn is not None:
-                self._conn.close_on_release = True
+            conn = self._conn
+            if conn is not None:
+                if poisons:
+                    conn.close_on_release = True
+                if session_only and conn.per_transaction:
+                    raise TenantPoolError(
+                        f"{name}() needs a session of its own (LISTEN outlives the scope's"
+                        " transaction, and behind a transaction pooler notifications reach"
+                        " whichever client holds the server connection); with"
+                        " state_scope='transaction' listen on a connection of its own"
+                    )
             return await getattr(raw, name)(*args, **kwargs)
 
         wrapper: Callable[..., Any] = async_method

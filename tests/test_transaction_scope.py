@@ -308,3 +308,14 @@ async def test_cancellation_at_random_points_leaves_no_transaction_open(
         for tenant in world.tenants:
             async with manager.with_connection(tenant) as conn:
                 assert observed(await conn.fetchrow(world.check_sql)) == world.expected(tenant)
+
+
+async def test_listening_is_refused_clearly_per_transaction(manager: TenantPoolManager) -> None:
+    def callback(*args: object) -> None:
+        raise AssertionError("never called")
+
+    with pytest.raises(TenantPoolError, match="add_listener"):
+        async with manager.with_connection("t0") as conn:
+            await conn.add_listener("news", callback)
+    async with manager.with_connection("t0") as conn:
+        assert await conn.fetchval("SELECT count(*) FROM pg_catalog.pg_listening_channels()") == 0
