@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,10 +22,12 @@ from tenantpool.fastapi import (
     health_endpoint,
     install_error_handlers,
     manager_lifespan,
+    tenant_scope,
 )
 from tenantpool.fastapi.metrics import metrics_endpoint
 
 from ._dashboard import DASHBOARD_HTML
+from ._limits import BodySizeLimit, SingleHeader
 from ._models import (
     DashboardStats,
     Note,
@@ -34,6 +37,7 @@ from ._models import (
     TenantCreate,
     TenantCreated,
     TenantDetail,
+    TenantSummary,
 )
 from ._registry import ISOLATIONS, TENANT_POOL, Checkpoint, Registry, TenantExists
 
@@ -94,8 +98,10 @@ def create_app(
         lifespan=manager_lifespan(new_manager, open_registry),
     )
     # The tenant of each request is its X-Tenant-ID header; no connection is taken until an
-    # endpoint asks for one (EndpointConnection).
-    app.add_middleware(TenantMiddleware)
+    # endpoint asks for one.
+    app.add_middleware(TenantMiddleware, source=SingleHeader("X-Tenant-ID"))
+    # Outermost of the two (added last): a body too large is refused before anything else.
+    app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(TenantExists, _conflict)
@@ -149,6 +155,20 @@ async def create_tenant(body: TenantCreate, registry: RegistryDep) -> TenantCrea
     return TenantCreated(id=tenant.id, isolation=tenant.isolation, created_at=tenant.created_at)
 
 
+@router.get("/tenants")
+async def list_tenants(registry: RegistryDep) -> list[TenantSummary]:
+    """Every tenant, oldest first (at most 1,000): its isolation model and its pool's name."""
+    return [
+        TenantSummary(
+            id=tenant.id,
+            isolation=tenant.isolation,
+            created_at=tenant.created_at,
+            pool=redact_dsn(tenant.target.dsn),
+        )
+        for tenant in await registry.list_tenants()
+    ]
+
+
 @router.get("/tenants/{tenant_id}")
 async def get_tenant(tenant_id: str, registry: RegistryDep, manager: PoolManager) -> TenantDetail:
     """A tenant's isolation model, where its connections go, and its pool's figures."""
@@ -168,9 +188,14 @@ async def get_tenant(tenant_id: str, registry: RegistryDep, manager: PoolManager
 
 
 @router.post("/notes", status_code=201)
-async def create_note(body: NoteCreate, conn: EndpointConnection, tenant: CurrentTenant) -> Note:
+async def create_note(body: NoteCreate, request: Request, tenant: CurrentTenant) -> Note:
     """Add a note for the ``X-Tenant-ID`` tenant."""
-    row = await conn.fetchrow("INSERT INTO notes (body) VALUES ($1) RETURNING id, body", body.body)
+    # The connection is taken here rather than by a dependency: FastAPI solves dependencies
+    # even when the body fails validation, and a 422 should cost no checkout.
+    async with tenant_scope(request) as conn:
+        row = await conn.fetchrow(
+            "INSERT INTO notes (body) VALUES ($1) RETURNING id, body", body.body
+        )
     assert row is not None
     return Note(id=row["id"], body=row["body"], tenant=tenant)
 
@@ -214,7 +239,10 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         if errors and len(fields) == len(errors):
             detail = "; ".join(_FIELD_ERRORS[f] for f in dict.fromkeys(fields))
             return JSONResponse({"detail": detail}, status_code=400)
-    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+    # ASCII-escaped: the errors echo the input, which may hold lone surrogates (valid JSON,
+    # but not encodable as UTF-8).
+    content = json.dumps({"detail": jsonable_encoder(errors)}, separators=(",", ":"))
+    return Response(content, status_code=422, media_type="application/json")
 
 
 async def _conflict(request: Request, exc: Exception) -> Response:

@@ -20,6 +20,7 @@ __all__ = [
     "TenantCreate",
     "TenantCreated",
     "TenantDetail",
+    "TenantSummary",
 ]
 
 # tenantpool's check, so the demo and the library agree on what a tenant id is. Its
@@ -69,16 +70,32 @@ class TenantDetail(TenantCreated):
     pool: PoolFigures | None
 
 
+def _no_nul(value: str) -> str:
+    # Valid JSON that PostgreSQL's text refuses: a 422 here rather than a 500 from the server.
+    # (pydantic itself refuses the other such strings, lone surrogates.)
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
 class NoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    body: str = Field(min_length=1, max_length=10_000, examples=["hello"])
+    body: Annotated[str, AfterValidator(_no_nul)] = Field(
+        min_length=1, max_length=10_000, examples=["hello"]
+    )
 
 
 class Note(BaseModel):
     id: int
     body: str
     tenant: str
+
+
+class TenantSummary(TenantCreated):
+    """An item of ``GET /tenants``: a tenant and the pool its connections come from."""
+
+    pool: str  # the pool's name: its DSN with the password removed
 
 
 class DashboardStats(BaseModel):
