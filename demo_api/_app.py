@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +40,7 @@ from ._models import (
     TenantDetail,
     TenantSummary,
 )
+from ._rates import Rates
 from ._registry import ISOLATIONS, TENANT_POOL, Checkpoint, Registry, TenantExists
 
 __all__ = ["create_app"]
@@ -46,6 +48,7 @@ __all__ = ["create_app"]
 logger = logging.getLogger("demo_api")
 
 REGISTRY_KEY = "demo_registry"
+RATES_KEY = "demo_rates"
 
 # What a 400 on POST /tenants says, by field.
 _FIELD_ERRORS = {
@@ -71,24 +74,34 @@ def create_app(
     """
 
     registry = Registry(admin_dsn, prefix=prefix, checkpoint=checkpoint)
+    managers: list[TenantPoolManager] = []
 
     def new_manager() -> TenantPoolManager:
         # A new one at each startup: a closed manager cannot be started again.
-        return TenantPoolManager(
-            registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
+        managers.append(
+            TenantPoolManager(
+                registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
+            )
         )
+        return managers[-1]
 
     @asynccontextmanager
     async def open_registry(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Runs inside manager_lifespan: the manager starts first and closes last.
         await registry.open()
+        rates = Rates()
         try:
             logger.info(
                 "tenant registry in %s; at most %d connections",
                 redact_dsn(admin_dsn),
                 max_connections,
             )
-            yield {REGISTRY_KEY: registry}
+            async with anyio.create_task_group() as sampler:
+                sampler.start_soon(rates.run, managers[-1])
+                try:
+                    yield {REGISTRY_KEY: registry, RATES_KEY: rates}
+                finally:
+                    sampler.cancel_scope.cancel()
         finally:
             await registry.close()
 
@@ -129,8 +142,10 @@ async def dashboard() -> HTMLResponse:
 
 
 @router.get("/api/stats")
-async def stats(manager: PoolManager) -> DashboardStats:
-    """The dashboard's figures: the cap, connections overall and per pool, health."""
+async def stats(manager: PoolManager, request: Request) -> DashboardStats:
+    """The dashboard's figures: the cap, connections overall and per pool, health, and the
+    last minute's checkouts per second, waiting and in-use counts (one sample a second)."""
+    rates: Rates = getattr(request.state, RATES_KEY)
     report = await manager.health()
     figures = manager.stats()
     return DashboardStats(
@@ -145,6 +160,7 @@ async def stats(manager: PoolManager) -> DashboardStats:
         timeouts=figures.timeouts,
         steals=figures.steals,
         pools=[_pool_figures(name, pool) for name, pool in sorted(figures.pools.items())],
+        history=rates.history(),
     )
 
 

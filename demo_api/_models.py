@@ -16,6 +16,7 @@ __all__ = [
     "Note",
     "NoteCreate",
     "PoolFigures",
+    "RateSample",
     "TargetInfo",
     "TenantCreate",
     "TenantCreated",
@@ -98,8 +99,17 @@ class TenantSummary(TenantCreated):
     pool: str  # the pool's name: its DSN with the password removed
 
 
+class RateSample(BaseModel):
+    """One second of the manager's activity, for the dashboard's sparklines."""
+
+    checkouts_per_s: float
+    waiting: int
+    in_use: int
+    total: int
+
+
 class DashboardStats(BaseModel):
-    """What the dashboard page polls: the cap, the totals, each pool, and health."""
+    """What the dashboard page polls: the cap, the totals, each pool, health, the last minute."""
 
     status: str
     reasons: list[str]
@@ -112,3 +122,4 @@ class DashboardStats(BaseModel):
     timeouts: int
     steals: int
     pools: list[PoolFigures]
+    history: list[RateSample]  # one sample a second, oldest first

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -666,8 +667,14 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_dashboard_shows_live_figures_in_chromium(demo: DemoProcess, known_tenant: str) -> None:
     httpx.post(f"{demo.base_url}/notes", headers={"X-Tenant-ID": known_tenant}, json={"body": "x"})
+    # The sparklines draw the server's samples, one a second: wait for two.
+    deadline = time.monotonic() + 60
+    while len(httpx.get(f"{demo.base_url}/api/stats").json()["history"]) < 2:
+        assert time.monotonic() < deadline, "no samples of the rates"
+        time.sleep(0.1)
     stats = httpx.get(f"{demo.base_url}/api/stats").json()
-    assert stats["pools"]
+    tenants = httpx.get(f"{demo.base_url}/tenants").json()
+    assert stats["pools"] and tenants
     # The page's script runs within the virtual time budget, before the DOM is dumped.
     result = chromium("--virtual-time-budget=3000", "--dump-dom", f"{demo.base_url}/")
     dom = result.stdout
@@ -678,9 +685,26 @@ def test_dashboard_shows_live_figures_in_chromium(demo: DemoProcess, known_tenan
     for pool in stats["pools"]:
         row = re.search(rf'<tr data-pool="{re.escape(pool["name"])}">(.*?)</tr>', dom)
         assert row is not None, pool["name"]
-        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
         assert cells[0] == pool["name"]
-        assert cells[4] == f"{pool['size']} / {pool['max_size']}"
+        assert cells[5] == f"{pool['size']} / {pool['max_size']}"
+        serving = [t for t in tenants if t["pool"] == pool["name"]]
+        for isolation in {t["isolation"] for t in serving}:
+            assert f'<span class="iso {isolation}">{isolation}</span>' in cells[1]
+        assert cells[1].endswith(f"{len(serving)} tenant" + ("" if len(serving) == 1 else "s"))
+    # Every tenant, with its isolation model and pool.
+    assert f'<span id="tenant-count">{len(tenants)}</span>' in dom
+    row = re.search(rf'<tr data-tenant="{re.escape(known_tenant)}">(.*?)</tr>', dom)
+    assert row is not None
+    known = next(t for t in tenants if t["id"] == known_tenant)
+    assert row.group(1) == (
+        f'<td class="name">{known_tenant}</td><td><span class="iso rls">rls</span></td>'
+        f'<td class="name">{known["pool"]}</td>'
+    )
+    # The last minute, drawn: a point per sample, and the current rate.
+    points = re.search(r'<polyline id="rate-line" points="([^"]*)"', dom)
+    assert points is not None and len(points.group(1).split()) >= 2
+    assert re.search(r'<div class="value" id="rate">\d+</div>', dom)
     assert re.search(r'<span id="checkouts">[1-9]\d*</span>', dom)
 
     with tempfile.TemporaryDirectory() as out:
