@@ -209,14 +209,16 @@ class EmbeddedPostgres:
             return found
         wanted = int(version_file.read_text().strip())
         staged = ServerProcess(base, found, os_user=None).staged_bin_dir
+        system = Path(f"/usr/lib/postgresql/{wanted}/bin")
         candidates = [(found, self.source), (staged, "embedded"), (embedded_bin_dir(), "embedded")]
+        if self.source != "embedded":  # TENANTPOOL_PG_SOURCE=embedded rules the system out
+            candidates.insert(1, (system, "system"))
         for bin_dir, source in candidates:
             if bin_dir is not None and (bin_dir / "postgres").exists():
                 if server_major_version(bin_dir) == wanted:
                     self.source = source
                     return bin_dir
         made_by = f"the cluster in {base / 'data'} was made by PostgreSQL {wanted}"
-        system = Path(f"/usr/lib/postgresql/{wanted}/bin")
         if self.source == "embedded" and (system / "postgres").exists():
             # The machine has it, but TENANTPOOL_PG_SOURCE=embedded ruled it out.
             raise PostgresNotFoundError(
