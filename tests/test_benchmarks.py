@@ -63,14 +63,14 @@ def test_the_runner_names_the_bench_extra_when_a_package_is_missing(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real = importlib.util.find_spec
-    lacking = {"psycopg_pool", "matplotlib"}
+    lacking = {"psycopg", "psycopg_pool", "matplotlib"}
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name in lacking else real(name)
     )
     assert runner.missing(["cap_cost", "reconnect"], plots=False) is None
     assert runner.main(["--only", "checkout", "cap_cost"]) == 2  # before any cluster starts
     error = capsys.readouterr().err
-    assert "checkout needs psycopg_pool; plots needs matplotlib" in error
+    assert "checkout needs psycopg, psycopg_pool; plots needs matplotlib" in error
     assert 'pip install -e ".[bench]"' in error
 
 
