@@ -74,16 +74,15 @@ def create_app(
     """
 
     registry = Registry(admin_dsn, prefix=prefix, checkpoint=checkpoint)
-    managers: list[TenantPoolManager] = []
+    current: list[TenantPoolManager] = []  # this startup's manager, for the rates' sampler
 
     def new_manager() -> TenantPoolManager:
         # A new one at each startup: a closed manager cannot be started again.
-        managers.append(
-            TenantPoolManager(
-                registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
-            )
+        manager = TenantPoolManager(
+            registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
         )
-        return managers[-1]
+        current[:] = [manager]
+        return manager
 
     @asynccontextmanager
     async def open_registry(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -97,7 +96,7 @@ def create_app(
                 max_connections,
             )
             async with anyio.create_task_group() as sampler:
-                sampler.start_soon(rates.run, managers[-1])
+                sampler.start_soon(rates.run, current[0])
                 try:
                     yield {REGISTRY_KEY: registry, RATES_KEY: rates}
                 finally:
