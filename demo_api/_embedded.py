@@ -97,7 +97,7 @@ class EmbeddedPostgres:
         try:
             self._password = self._credentials()
             base = self._server_dir(os_user)
-            base.mkdir(exist_ok=True)
+            base.mkdir(parents=True, exist_ok=True)
             server = self._server = ServerProcess(base, self._bin_dir(base), os_user=os_user)
             if os_user is not None and self.source == "embedded":
                 # The wheel's copy may sit where the postgres OS user cannot reach it.
