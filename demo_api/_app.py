@@ -20,6 +20,7 @@ from tenantpool.fastapi import (
     EndpointConnection,
     PoolManager,
     TenantMiddleware,
+    from_header,
     health_endpoint,
     install_error_handlers,
     manager_lifespan,
@@ -28,7 +29,7 @@ from tenantpool.fastapi import (
 from tenantpool.fastapi.metrics import metrics_endpoint
 
 from ._dashboard import DASHBOARD_HTML
-from ._limits import BodySizeLimit, SingleHeader
+from ._limits import BodySizeLimit
 from ._models import (
     DashboardStats,
     Note,
@@ -111,7 +112,7 @@ def create_app(
     )
     # The tenant of each request is its X-Tenant-ID header; no connection is taken until an
     # endpoint asks for one.
-    app.add_middleware(TenantMiddleware, source=SingleHeader("X-Tenant-ID"))
+    app.add_middleware(TenantMiddleware, source=from_header("X-Tenant-ID"))
     # Outermost of the two (added last): a body too large is refused before anything else.
     app.add_middleware(BodySizeLimit)
     install_error_handlers(app)

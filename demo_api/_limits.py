@@ -1,4 +1,4 @@
-"""What the demo refuses before a request reaches a route: oversized bodies, a doubled header."""
+"""What the demo refuses before a request reaches a route: oversized bodies."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tenantpool.fastapi import TenantSource, from_header
-
-__all__ = ["MAX_BODY_BYTES", "BodySizeLimit", "SingleHeader"]
+__all__ = ["MAX_BODY_BYTES", "BodySizeLimit"]
 
 # A note is at most 10,000 characters; written as JSON \u escapes that is at most 120 kB.
 MAX_BODY_BYTES = 256 * 1024
@@ -67,19 +65,3 @@ class BodySizeLimit:
                 raise
             response = JSONResponse({"detail": exc.detail}, status_code=413)
             await response(scope, receive, send)
-
-
-class SingleHeader(TenantSource):
-    """The tenant is the value of the header ``name``; given more than once, a 400 saying so."""
-
-    def __init__(self, name: str = "X-Tenant-ID") -> None:
-        self._inner = from_header(name)
-        self.name = name
-        self.description = self._inner.description
-
-    async def find(self, scope: Scope) -> str | None:
-        count = len(Headers(scope=scope).getlist(self.name))
-        if count > 1:
-            # Two copies may be read differently by a proxy and by us: refuse, and say why.
-            raise HTTPException(400, f"the {self.name} header is given {count} times; send it once")
-        return await self._inner.find(scope)
