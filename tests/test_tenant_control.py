@@ -182,7 +182,7 @@ async def test_a_tenant_at_its_quota_waits_and_others_pass(pg: PostgresCluster) 
         async with anyio.create_task_group() as tg:
             for _ in range(6):
                 tg.start_soon(noisy)
-            await until(lambda: manager.stats().quota_waiting == 4)
+            await until(lambda: holding == 2 and manager.stats().quota_waiting == 4)
             # The pool has room: another tenant is not held back by noisy's queue.
             with anyio.fail_after(5):
                 async with manager.with_connection("quiet") as conn:
