@@ -416,16 +416,27 @@ class _ScopeContext:
         if scope is None:
             assert tenant is not None  # set whenever no scope was found
             manager._check_open()
-            target = await manager._resolver.resolve(tenant)
+            # Resolving counts against the checkout's acquire_timeout, as waiting does.
+            resolver, started = manager._resolver, None
+            if resolver.must_ask(tenant):
+                started = asyncio.get_running_loop().time()
+                target = await resolver.resolve(tenant, manager.pool_settings.acquire_timeout)
+            else:
+                target = await resolver.resolve(tenant)
             pool = manager._pool_for(target)
             limit = target.max_in_use
             if limit is None:
-                conn = await pool.acquire(target.session_state, tenant=tenant)
+                conn = await pool.acquire(target.session_state, tenant=tenant, started=started)
             else:
                 quotas = manager._quotas
-                began = await quotas.enter(tenant, limit, pool.settings.acquire_timeout)
+                patience = pool.settings.acquire_timeout
+                if started is not None:
+                    patience -= asyncio.get_running_loop().time() - started
+                began = await quotas.enter(tenant, limit, patience)
+                if started is None:
+                    started = began
                 try:
-                    conn = await pool.acquire(target.session_state, tenant=tenant, started=began)
+                    conn = await pool.acquire(target.session_state, tenant=tenant, started=started)
                 except BaseException:
                     quotas.leave(tenant)
                     raise

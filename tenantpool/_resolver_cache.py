@@ -5,21 +5,26 @@ tenant that does not exist costs the registry one lookup a second, and a tenant 
 meanwhile is found soon after. Concurrent lookups of one tenant share a single call of the
 resolver. A resolver that raises is not cached: the next scope asks again. A ``Mapping``
 resolver is read on every scope, since a dict lookup is cheaper than the cache.
+
+A checkout waits for the resolver within its ``acquire_timeout``, like for a connection: a
+resolver that hangs costs the caller a ``PoolTimeout``, not a request stuck forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from ._errors import UnknownTenant
+from ._errors import PoolTimeout, UnknownTenant
 from ._settings import Target
 from ._tenant import TenantResolver
 
 __all__ = ["UNKNOWN_TTL", "ResolverCache"]
 
 UNKNOWN_TTL = 1.0
+# Seconds a caller whose lookup timed out is told to wait before trying again.
+_TIMEOUT_RETRY_AFTER = 1.0
 
 
 class ResolverCache:
@@ -43,10 +48,20 @@ class ResolverCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def resolve(self, tenant: str) -> Target:
-        """The ``Target`` of an already validated tenant id, else ``UnknownTenant``."""
+    def must_ask(self, tenant: str) -> bool:
+        """Whether resolving ``tenant`` now calls the resolver (it may then have to wait)."""
+        if self._resolver.is_mapping:
+            return False
+        entry = self._entries.get(tenant)
+        return entry is None or self._clock() >= entry[0]
+
+    async def resolve(self, tenant: str, timeout: float | None = None) -> Target:
+        """The ``Target`` of an already validated tenant id, else ``UnknownTenant``; if the
+        resolver is asked and has not answered within ``timeout`` seconds, ``PoolTimeout``."""
         if not self._ttl:
-            return await self._resolver.resolve(tenant)
+            if timeout is None or self._resolver.is_mapping:  # a dict lookup cannot hang
+                return await self._resolver.resolve(tenant)
+            return await _within(self._resolver.resolve(tenant), tenant, timeout)
         entry = self._entries.get(tenant)
         if entry is not None:
             expires, target = entry
@@ -60,7 +75,9 @@ class ResolverCache:
             task = asyncio.get_running_loop().create_task(self._lookup(tenant))
             self._inflight[tenant] = task
         # Shielded: a caller that gives up must not cancel the lookup others wait on.
-        return await asyncio.shield(task)
+        if timeout is None:
+            return await asyncio.shield(task)
+        return await _within(asyncio.shield(task), tenant, timeout)
 
     async def _lookup(self, tenant: str) -> Target:
         me = asyncio.current_task()
@@ -101,3 +118,15 @@ class ResolverCache:
         expired = [tenant for tenant, (expires, _) in self._entries.items() if expires <= now]
         for tenant in expired:
             del self._entries[tenant]
+
+
+async def _within(lookup: Awaitable[Target], tenant: str, timeout: float) -> Target:
+    try:
+        async with asyncio.timeout(timeout):
+            return await lookup
+    except TimeoutError:
+        raise PoolTimeout(
+            f"the resolver did not answer for tenant {tenant!r} within {timeout:.2f} sec"
+            " (acquire_timeout)",
+            retry_after=_TIMEOUT_RETRY_AFTER,
+        ) from None

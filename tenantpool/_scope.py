@@ -183,12 +183,14 @@ class Scope:
     def end(self) -> tuple[Pool, PooledConnection, bool]:
         """Close the scope: its pool, its connection, and whether the scope used it.
 
-        Afterwards it holds neither: copies of the ContextVar taken while it was open (say, by
-        a timer asyncpg armed for a statement it cached) can outlive it by minutes, and must
-        not keep a forgotten pool or a connection alive.
+        Afterwards it holds neither, nor its task: copies of the ContextVar taken while it was
+        open (say, by a timer asyncpg armed for a statement it cached) can outlive it by
+        minutes, and must not keep a forgotten pool, a connection, or a finished task with its
+        exception, traceback and frames (which reach the connection too) alive.
         """
         pool, self.pool = self.pool, None
         assert pool is not None, "a scope ends once"
+        self.task = None
         conn, used = self.proxy._detach()
         conn.raw._proxy = None  # type: ignore[attr-defined]
         return pool, conn, used
