@@ -1,0 +1,274 @@
+"""Issue 14's seven faults, each reproduced against the real server.
+
+Items 1, 2, 3 and 6 live in the pool's core; until it is fixed their tests are strict xfails,
+which document the defect and turn into failures (to be unmarked) once it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import weakref
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from _faults import FaultProxy
+from _postgres import PostgresCluster
+from _support import drained, until
+
+from tenantpool import (
+    ConnectionReleased,
+    PoolSettings,
+    PoolTimeout,
+    Target,
+    TenantPoolManager,
+)
+from tenantpool._scope import scopes
+
+pytestmark = pytest.mark.anyio
+
+ONE = PoolSettings(max_size=1, acquire_timeout=10.0)
+
+
+async def backends(pg: PostgresCluster, role: str, state: str | None = None) -> int:
+    count: int = await pg.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND ($2::text IS NULL"
+        " OR state = $2)",
+        role,
+        state,
+    )
+    return count
+
+
+# --------------------------------------------------------------------------- 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 item 1: a wipe of prepared statements in a connection's first dirty scope"
+    " goes unnoticed and the connection is kept",
+)
+@pytest.mark.parametrize("wipe", ["DEALLOCATE ALL", "DISCARD ALL"])
+async def test_a_wipe_of_prepared_statements_in_the_first_scope_does_not_poison_the_connection(
+    pg: PostgresCluster, wipe: str
+) -> None:
+    async with TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE) as manager:
+        async with manager.with_connection("a") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.execute(wipe)
+        for _ in range(3):
+            async with manager.with_connection("a") as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+        await drained(manager)
+
+
+# --------------------------------------------------------------------------- 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 item 2: close() terminates the sockets of scopes mid-query but leaves"
+    " their queries running on the server",
+)
+async def test_close_with_scopes_mid_query_leaves_no_query_running_on_the_server(
+    pg: PostgresCluster, login: tuple[str, str]
+) -> None:
+    role = login[0]
+    holders = 4
+    started = anyio.Event()
+    running: list[int] = []
+    manager = TenantPoolManager(
+        {"a": Target(pg.dsn(*login))}, pool=PoolSettings(max_size=holders), close_timeout=0.2
+    )
+    await manager.start()
+
+    async def hold() -> None:
+        # close() terminates the connection under the query: a catchable error.
+        with pytest.raises(asyncpg.PostgresConnectionError):
+            async with manager.with_connection("a") as conn:
+                running.append(conn.get_server_pid())
+                if len(running) == holders:
+                    started.set()
+                await conn.execute("SELECT pg_sleep(120)")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(holders):
+                tg.start_soon(hold)
+            with anyio.fail_after(30):
+                await started.wait()
+                while await backends(pg, role, "active") < holders:
+                    await anyio.sleep(0.01)
+            await manager.close()
+        # The server notices a terminated socket only when it next writes: nothing cancels
+        # the query but tenantpool.
+        await until_async(lambda: backends(pg, role, "active"), 0, limit=5)
+    finally:
+        await pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+
+
+async def until_async(probe: Any, wanted: int, *, limit: float) -> None:
+    with anyio.fail_after(limit):
+        while await probe() != wanted:
+            await anyio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 item 3: a second close() replaces the pool's drained event and the first"
+    " caller waits the whole close_timeout",
+)
+async def test_two_close_calls_at_once_both_return_when_the_pool_is_drained(
+    pg: PostgresCluster,
+) -> None:
+    # close_timeout is far above the ceilings below: a caller that waits for it fails them.
+    manager = TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE, close_timeout=120)
+    await manager.start()
+    async with manager.with_connection("a") as conn:
+        await conn.execute("SET work_mem = '8MB'")  # dirty: a reset follows the release
+    closes = [asyncio.ensure_future(manager.close()) for _ in range(2)]
+    try:
+        with anyio.fail_after(20):
+            await asyncio.wait(closes, return_when=asyncio.FIRST_COMPLETED)
+        with anyio.fail_after(5):
+            await asyncio.gather(*closes)
+    finally:
+        for close in closes:
+            close.cancel()
+        await asyncio.gather(*closes, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- 4
+
+
+async def test_a_scope_exited_from_another_task_is_no_longer_current_in_the_opening_task(
+    pg: PostgresCluster,
+) -> None:
+    async with TenantPoolManager({"b": Target(pg.dsn())}, pool=ONE) as manager:
+        cm = manager.with_connection("b")
+        first = await cm.__aenter__()
+        await asyncio.create_task(cm.__aexit__(None, None, None))
+        assert manager.current_tenant() is None
+        with pytest.raises(ConnectionReleased):
+            await first.fetchval("SELECT 1")
+        async with manager.with_connection("b") as conn:
+            assert conn is not first
+            assert await conn.fetchval("SELECT 1") == 1
+        await drained(manager)
+
+
+# --------------------------------------------------------------------------- 5
+
+
+async def test_an_ended_scope_keeps_neither_its_task_nor_its_connection_reachable(
+    pg: PostgresCluster,
+) -> None:
+    kept: list[contextvars.Context] = []
+
+    async def fail() -> None:
+        async with manager.with_connection("a") as conn:
+            await conn.fetchval("SELECT 1")
+            # What asyncpg's statement-cache timer does: a copy of the context, kept.
+            kept.append(contextvars.copy_context())
+            raise RuntimeError("the request failed")
+
+    async with TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE) as manager:
+        task = asyncio.create_task(fail())
+        with pytest.raises(RuntimeError):
+            await task
+        task_ref = weakref.ref(task)
+        del task
+        # The loop lets go of the task once its done callbacks have run: a few turns.
+        await until(lambda: gc.collect() >= 0 and task_ref() is None)
+        (scope,) = kept[0][scopes]
+        assert scope.task is None and scope.pool is None
+        assert scope.proxy._raw is None and scope.proxy._conn is None
+        await drained(manager)
+
+
+# --------------------------------------------------------------------------- 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 item 6: an idle connection that read the server's FATAL but not its EOF"
+    " is handed out; its first query fails with asyncpg's InternalClientError",
+)
+async def test_a_connection_the_server_killed_while_idle_is_not_handed_out(
+    pg: PostgresCluster,
+) -> None:
+    async with FaultProxy(pg.dsn()) as proxy:
+        async with TenantPoolManager({"a": Target(proxy.dsn)}, pool=ONE) as manager:
+            async with manager.with_connection("a") as conn:
+                pid = conn.get_server_pid()
+            await drained(manager)
+            proxy.hold_eof = True
+            assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with anyio.fail_after(10):
+                while await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                    await anyio.sleep(0.01)
+            try:
+                async with manager.with_connection("a") as conn:
+                    assert await conn.fetchval("SELECT 1") == 1
+                    assert conn.get_server_pid() != pid
+            finally:
+                proxy.hold_eof = False
+                proxy.reset_all()
+
+
+# --------------------------------------------------------------------------- 7
+
+
+@pytest.mark.parametrize("ttl", [0.0, 60.0])
+async def test_a_hanging_resolver_costs_the_checkout_its_acquire_timeout(
+    pg: PostgresCluster, ttl: float
+) -> None:
+    answer = anyio.Event()
+    calls = 0
+
+    async def resolver(tenant: str) -> Target:
+        nonlocal calls
+        calls += 1
+        await answer.wait()
+        return Target(pg.dsn())
+
+    settings = PoolSettings(max_size=1, acquire_timeout=0.2)
+    async with TenantPoolManager(resolver, pool=settings, resolver_ttl=ttl) as manager:
+        with anyio.fail_after(30):
+            with pytest.raises(PoolTimeout, match="resolver") as info:
+                async with manager.with_connection("a"):
+                    pass
+        assert info.value.retry_after > 0
+        assert manager.stats().in_use == 0
+        answer.set()
+        async with manager.with_connection("a") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        # With a cache, the lookup the first caller gave up on went on and served the second.
+        assert calls == (2 if ttl == 0 else 1)
+        await drained(manager)
+
+
+async def test_a_resolver_asked_on_every_checkout_serves_quota_checkouts(
+    pg: PostgresCluster,
+) -> None:
+    # The resolver's time counts against acquire_timeout, the quota's wait included.
+    targets = {"a": Target(pg.dsn(), max_in_use=1)}
+
+    async def resolver(tenant: str) -> Target | None:
+        await asyncio.sleep(0)
+        return targets.get(tenant)
+
+    async with TenantPoolManager(resolver, pool=ONE, resolver_ttl=0) as manager:
+        for _ in range(3):
+            async with manager.with_connection("a") as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+        assert manager.stats().checkouts == 3
+        await drained(manager)
