@@ -24,7 +24,10 @@ import struct
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["FaultProxy", "Mode"]
+import asyncpg
+from _support import ServerSampler
+
+__all__ = ["FaultProxy", "Mode", "FaultSampler"]
 
 Mode = Literal["pass", "blackhole", "slow", "reset", "refuse"]
 
@@ -180,3 +183,41 @@ class FaultProxy:
                 self._links.discard(link)
                 for other in (link.client, link.upstream):
                     other.close()
+
+
+class FaultSampler(ServerSampler):
+    """``ServerSampler`` for faults: it reconnects when the server restarts under it (and
+    samples nothing while it is down, when the server holds no backend either), and leaves
+    out the backends in ``killed``.
+
+    A backend the server was told to terminate lingers in ``pg_stat_activity`` a moment after
+    its client saw the connection close and, within the cap, opened another: add its pid
+    here before terminating it.
+    """
+
+    def __init__(self, superuser_dsn: str, role: str) -> None:
+        super().__init__(superuser_dsn, role)
+        self.killed: set[int] = set()
+
+    async def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._sample_once_connected()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._ready.set()
+                await asyncio.sleep(0.01)
+
+    async def _sample_once_connected(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            query = await conn.prepare(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid() AND (usename = $1 OR usename IS NULL)"
+                " AND pid <> ALL($2::int[])"
+            )
+            self._ready.set()
+            while not self._stop.is_set():
+                self.samples.append(await query.fetchval(self._role, list(self.killed)))
+                await asyncio.sleep(0.002)
+        finally:
+            conn.terminate()
