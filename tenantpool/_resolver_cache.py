@@ -55,13 +55,13 @@ class ResolverCache:
         entry = self._entries.get(tenant)
         return entry is None or self._clock() >= entry[0]
 
-    async def resolve(self, tenant: str, timeout: float | None = None) -> Target:
+    async def resolve(self, tenant: str, patience: float | None = None) -> Target:
         """The ``Target`` of an already validated tenant id, else ``UnknownTenant``; if the
-        resolver is asked and has not answered within ``timeout`` seconds, ``PoolTimeout``."""
+        resolver is asked and has not answered within ``patience`` seconds, ``PoolTimeout``."""
         if not self._ttl:
-            if timeout is None or self._resolver.is_mapping:  # a dict lookup cannot hang
+            if patience is None or self._resolver.is_mapping:  # a dict lookup cannot hang
                 return await self._resolver.resolve(tenant)
-            return await _within(self._resolver.resolve(tenant), tenant, timeout)
+            return await _within(self._resolver.resolve(tenant), tenant, patience)
         entry = self._entries.get(tenant)
         if entry is not None:
             expires, target = entry
@@ -75,9 +75,9 @@ class ResolverCache:
             task = asyncio.get_running_loop().create_task(self._lookup(tenant))
             self._inflight[tenant] = task
         # Shielded: a caller that gives up must not cancel the lookup others wait on.
-        if timeout is None:
+        if patience is None:
             return await asyncio.shield(task)
-        return await _within(asyncio.shield(task), tenant, timeout)
+        return await _within(asyncio.shield(task), tenant, patience)
 
     async def _lookup(self, tenant: str) -> Target:
         me = asyncio.current_task()
@@ -120,13 +120,13 @@ class ResolverCache:
             del self._entries[tenant]
 
 
-async def _within(lookup: Awaitable[Target], tenant: str, timeout: float) -> Target:
+async def _within(lookup: Awaitable[Target], tenant: str, patience: float) -> Target:
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(patience):
             return await lookup
     except TimeoutError:
         raise PoolTimeout(
-            f"the resolver did not answer for tenant {tenant!r} within {timeout:.2f} sec"
+            f"the resolver did not answer for tenant {tenant!r} within {patience:.2f} sec"
             " (acquire_timeout)",
             retry_after=_TIMEOUT_RETRY_AFTER,
         ) from None

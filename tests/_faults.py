@@ -23,13 +23,15 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 from _support import ServerSampler
 
-__all__ = ["FaultProxy", "Mode", "FaultSampler"]
+__all__ = ["FaultProxy", "FaultSampler", "Mode", "server_until"]
 
 Mode = Literal["pass", "blackhole", "slow", "reset", "refuse"]
 
@@ -249,3 +251,11 @@ class FaultSampler(ServerSampler):
                 await asyncio.sleep(0.002)
         finally:
             conn.terminate()
+
+
+async def server_until(condition: Callable[[], Awaitable[object]], limit: float = 30.0) -> None:
+    """Poll an async ``condition`` (a query of the server's views) until it holds; fail after
+    ``limit`` seconds. The server's state signals nothing a test could wait on."""
+    with anyio.fail_after(limit):
+        while not await condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)

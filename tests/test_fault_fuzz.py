@@ -56,7 +56,10 @@ def damage(role: str) -> dict[str, Callable[[str], list[str]]]:
         "client_messages": lambda n: ["SET client_min_messages = 'debug5'"],
         "set_role": lambda n: [f"SET ROLE {r}"],
         "session_authorization": lambda n: [f"SET SESSION AUTHORIZATION {r}"],
-        "temp_table": lambda n: [f"CREATE TEMP TABLE {n}_t (v int)", f"INSERT INTO {n}_t VALUES (1)"],
+        "temp_table": lambda n: [
+            f"CREATE TEMP TABLE {n}_t (v int)",
+            f"INSERT INTO {n}_t VALUES (1)",
+        ],
         "temp_on_commit": lambda n: [f"CREATE TEMP TABLE {n}_c (v int) ON COMMIT DELETE ROWS"],
         "temp_sequence": lambda n: [f"CREATE TEMP SEQUENCE {n}_s", f"SELECT nextval('{n}_s')"],
         "prepare": lambda n: [f"PREPARE {n}_p AS SELECT 1"],

@@ -63,7 +63,7 @@ async def test_a_bad_dsn_is_refused_clearly_and_never_shows_its_password(
 ) -> None:
     dsn = bad_dsns(pg)[case].replace("{s}", SECRET)
     secret = pg.superuser_password if case == "unknown database" else SECRET
-    assert secret and secret in dsn or case in ("empty", "not a URL", "bare scheme")
+    assert (secret and secret in dsn) or case in ("empty", "not a URL", "bare scheme")
     caplog.set_level(logging.DEBUG)
     try:
         target = Target(dsn)

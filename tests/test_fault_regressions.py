@@ -10,12 +10,12 @@ import asyncio
 import contextvars
 import gc
 import weakref
-from typing import Any
+from collections.abc import Awaitable
 
 import anyio
 import asyncpg
 import pytest
-from _faults import FaultProxy
+from _faults import FaultProxy, server_until
 from _postgres import PostgresCluster
 from _support import drained, until
 
@@ -100,22 +100,27 @@ async def test_close_with_scopes_mid_query_leaves_no_query_running_on_the_server
                 tg.start_soon(hold)
             with anyio.fail_after(30):
                 await started.wait()
-                while await backends(pg, role, "active") < holders:
-                    await anyio.sleep(0.01)
+            await server_until(lambda: at_least(backends(pg, role, "active"), holders))
             await manager.close()
         # The server notices a terminated socket only when it next writes: nothing cancels
         # the query but tenantpool.
-        await until_async(lambda: backends(pg, role, "active"), 0, limit=5)
+        await server_until(lambda: at_most(backends(pg, role, "active"), 0), limit=5)
     finally:
         await pg.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
         )
 
 
-async def until_async(probe: Any, wanted: int, *, limit: float) -> None:
-    with anyio.fail_after(limit):
-        while await probe() != wanted:
-            await anyio.sleep(0.02)
+async def at_least(count: Awaitable[int], n: int) -> bool:
+    return await count >= n
+
+
+async def at_most(count: Awaitable[int], n: int) -> bool:
+    return await count <= n
+
+
+async def gone(count: Awaitable[int]) -> bool:
+    return await count == 0
 
 
 # --------------------------------------------------------------------------- 3
@@ -212,9 +217,11 @@ async def test_a_connection_the_server_killed_while_idle_is_not_handed_out(
             await drained(manager)
             proxy.hold_eof = True
             assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
-            with anyio.fail_after(10):
-                while await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
-                    await anyio.sleep(0.01)
+            await server_until(
+                lambda: gone(
+                    pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+                )
+            )
             try:
                 async with manager.with_connection("a") as conn:
                     assert await conn.fetchval("SELECT 1") == 1

@@ -16,6 +16,7 @@ import random
 import anyio
 import asyncpg
 import pytest
+from _faults import server_until
 from _postgres import PostgresCluster
 from _support import drained, tenant_dsn
 from test_isolation import fresh_baseline, leftovers
@@ -136,9 +137,13 @@ async def test_a_cancellation_storm_leaves_nothing_in_use_locked_or_in_a_transac
         stats = manager.stats()
         assert stats.in_use == 0 and stats.waiting == 0
         # A backend whose query was cancelled with its connection closed ends on its own.
-        with anyio.fail_after(30):
-            while (states := await backend_states(pg, role)) != ["idle"] * stats.total:
-                await anyio.sleep(0.02)
+        states: list[str | None] = []
+
+        async def all_idle() -> bool:
+            states[:] = await backend_states(pg, role)
+            return states == ["idle"] * stats.total
+
+        await server_until(all_idle)
         assert not await pg.fetchval(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND a.usename = $1",

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from _faults import FaultProxy, FaultSampler
+from _faults import FaultProxy, FaultSampler, server_until
 from _postgres import PostgresCluster
 from _support import drained, tenant_dsn, until
 
@@ -172,12 +172,13 @@ async def test_a_reset_mid_query_is_a_catchable_error_and_the_pool_recovers(
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(long_query)
-                while not await pg.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1"
-                    " AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
-                    login[0],
-                ):
-                    await anyio.sleep(0.01)
+                await server_until(
+                    lambda: pg.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1"
+                        " AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+                        login[0],
+                    )
+                )
                 await proxy.set_mode("reset")
         assert len(errors) == 1, errors
         assert proxy.resets >= 1
