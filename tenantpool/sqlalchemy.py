@@ -54,7 +54,8 @@ async def tenant_session(
     Without ``tenant`` the session uses the current scope's connection (``NoCurrentConnection``
     outside any scope); with it, the session has a scope of its own on ``tenant`` (nested in an
     open scope of the same tenant, it shares that scope's connection). ``session_kwargs`` go to
-    ``AsyncSession`` (``expire_on_commit=False``, ``autoflush``, ...), except ``bind``.
+    the session (``expire_on_commit=False``, ``autoflush``, ...), except ``bind``; ``class_``
+    picks a subclass of ``AsyncSession`` instead, as for ``async_sessionmaker`` (SQLModel's).
     Uncommitted work is rolled back when the block ends; the session is unusable afterwards.
     """
     async with AsyncExitStack() as stack:
@@ -73,8 +74,9 @@ async def session_on(
     """An ``AsyncSession`` on ``conn``, a connection of ``manager`` whose scope is open."""
     if "bind" in session_kwargs or "binds" in session_kwargs:
         raise TypeError("tenant_session binds the session to the tenant's connection itself")
+    session_class: type[AsyncSession] = session_kwargs.pop("class_", AsyncSession)
     session_kwargs["sync_session_class"] = _guarded(
-        session_kwargs.get("sync_session_class", Session)
+        session_kwargs.get("sync_session_class", session_class.sync_session_class)
     )
     lent = _LentConnection(conn, await _codecs_for(conn))
     token = _handover.set(lent)
@@ -87,7 +89,7 @@ async def session_on(
         # uncommitted) even when cancelled meanwhile, so the scope ends after it.
         async with AsyncExitStack() as stack:
             stack.push_async_exit(connection)
-            session = await stack.enter_async_context(AsyncSession(connection, **session_kwargs))
+            session = await stack.enter_async_context(session_class(connection, **session_kwargs))
             try:
                 yield session
             finally:
