@@ -54,7 +54,8 @@ async def tenant_session(
     Without ``tenant`` the session uses the current scope's connection (``NoCurrentConnection``
     outside any scope); with it, the session has a scope of its own on ``tenant`` (nested in an
     open scope of the same tenant, it shares that scope's connection). ``session_kwargs`` go to
-    the session (``expire_on_commit=False``, ``autoflush``, ...), except ``bind``; ``class_``
+    the session (``autoflush``, ``info``, ...), except ``bind``; ``expire_on_commit`` is False
+    unless given, as SQLAlchemy advises under asyncio; ``class_``
     picks a subclass of ``AsyncSession`` instead, as for ``async_sessionmaker`` (SQLModel's).
     Uncommitted work is rolled back when the block ends; the session is unusable afterwards.
     """
@@ -75,6 +76,9 @@ async def session_on(
     if "bind" in session_kwargs or "binds" in session_kwargs:
         raise TypeError("tenant_session binds the session to the tenant's connection itself")
     session_class: type[AsyncSession] = session_kwargs.pop("class_", AsyncSession)
+    # As SQLAlchemy's asyncio documentation advises: an attribute expired by commit() would
+    # need implicit IO to load again, which asyncio forbids.
+    session_kwargs.setdefault("expire_on_commit", False)
     session_kwargs["sync_session_class"] = _guarded(
         session_kwargs.get("sync_session_class", session_class.sync_session_class)
     )
