@@ -22,7 +22,16 @@ from typing import Any
 
 from ._harness import Context, PostgresCluster, Report
 
-SCENARIOS = ("checkout", "throughput", "many_tenants", "http", "reconnect", "memory", "cap_cost")
+SCENARIOS = (
+    "checkout",
+    "throughput",
+    "many_tenants",
+    "http",
+    "reconnect",
+    "memory",
+    "cap_cost",
+    "sqlalchemy",
+)
 HERE = Path(__file__).resolve().parent
 
 
@@ -34,7 +43,16 @@ def machine(pg: PostgresCluster) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for package in ("asyncpg", "psycopg", "psycopg-pool", "fastapi", "uvicorn", "tenantpool"):
+    for package in (
+        "asyncpg",
+        "psycopg",
+        "psycopg-pool",
+        "fastapi",
+        "uvicorn",
+        "sqlalchemy",
+        "fastapi-tenancy",
+        "tenantpool",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
