@@ -55,8 +55,8 @@ async def tenant_session(
     outside any scope); with it, the session has a scope of its own on ``tenant`` (nested in an
     open scope of the same tenant, it shares that scope's connection). ``session_kwargs`` go to
     the session (``autoflush``, ``info``, ...), except ``bind``; ``expire_on_commit`` is False
-    unless given, as SQLAlchemy advises under asyncio; ``class_``
-    picks a subclass of ``AsyncSession`` instead, as for ``async_sessionmaker`` (SQLModel's).
+    unless given, as SQLAlchemy advises under asyncio. ``class_`` picks a subclass of
+    ``AsyncSession`` (SQLModel's, say), as for ``async_sessionmaker``.
     Uncommitted work is rolled back when the block ends; the session is unusable afterwards.
     """
     async with AsyncExitStack() as stack:
@@ -64,12 +64,12 @@ async def tenant_session(
             conn = manager.current_connection()
         else:
             conn = await stack.enter_async_context(manager.with_connection(tenant))
-        async with session_on(manager, conn, **session_kwargs) as session:
+        async with _session_on(manager, conn, **session_kwargs) as session:
             yield session
 
 
 @asynccontextmanager
-async def session_on(
+async def _session_on(
     manager: TenantPoolManager, conn: TenantConnection, **session_kwargs: Any
 ) -> AsyncIterator[AsyncSession]:
     """An ``AsyncSession`` on ``conn``, a connection of ``manager`` whose scope is open."""
@@ -83,12 +83,12 @@ async def session_on(
         session_kwargs.get("sync_session_class", session_class.sync_session_class)
     )
     lent = _LentConnection(conn, await _codecs_for(conn))
-    token = _handover.set(lent)
     try:
-        connection = await _engine_for(manager).connect()
-    finally:
-        _handover.reset(token)
-    try:
+        token = _handover.set(lent)
+        try:
+            connection = await _engine_for(manager).connect()
+        finally:
+            _handover.reset(token)
         # AsyncSession and AsyncConnection finish their close (the rollback of anything
         # uncommitted) even when cancelled meanwhile, so the scope ends after it.
         async with AsyncExitStack() as stack:
@@ -322,7 +322,7 @@ else:
 
         Closed after the response is sent: anything not committed by then is rolled back.
         """
-        async with session_on(manager, conn) as session:
+        async with _session_on(manager, conn) as session:
             yield session
 
     TenantSession = Annotated[AsyncSession, Depends(request_session)]
