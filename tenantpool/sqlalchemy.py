@@ -301,8 +301,9 @@ async def _prepare_cached(conn: TenantConnection, query: str, **kwargs: Any) -> 
 
 try:
     from fastapi import Depends
+    from starlette.requests import Request
 
-    from .fastapi import PoolManager, RequestConnection
+    from .fastapi._context import current_request, manager_for
 except ImportError as _missing:  # tenant_session works without FastAPI
     _fastapi_error: ImportError | None = _missing
 
@@ -315,13 +316,14 @@ except ImportError as _missing:  # tenant_session works without FastAPI
 
 else:
 
-    async def request_session(
-        conn: RequestConnection, manager: PoolManager
-    ) -> AsyncIterator[AsyncSession]:
+    async def request_session(request: Request) -> AsyncIterator[AsyncSession]:
         """The request tenant's ``AsyncSession``, on the connection ``RequestConnection`` gives.
 
         Closed after the response is sent: anything not committed by then is rolled back.
         """
+        # RequestConnection's body, inlined: one dependency to solve per request, not three.
+        manager = manager_for(request.scope)
+        conn = await current_request().connection(manager)
         async with _session_on(manager, conn) as session:
             yield session
 
