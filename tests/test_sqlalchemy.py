@@ -303,6 +303,37 @@ async def test_a_session_used_after_its_scope_ended_fails_clearly(world: World) 
         await drained(manager)
 
 
+async def test_inside_a_scopes_own_transaction_the_session_nests_as_a_savepoint(
+    world: World,
+) -> None:
+    """What ``PoolSettings(state_scope="transaction")`` will do to a session: the scope is one
+    transaction (opened here by hand the way asyncpg opens one), SQLAlchemy's BEGIN becomes a
+    savepoint inside it, and the session's work lasts only if the scope's transaction commits."""
+    async with world.manager(max_size=1) as manager:
+        async with manager.with_connection("acme") as conn:
+            async with conn.transaction():
+                async with tenant_session(manager) as session:
+                    session.add(Note(body="committed in the session", meta={}))
+                    await session.commit()  # RELEASE SAVEPOINT
+                    session.add(Note(body="left uncommitted", meta={}))
+                    await session.flush()  # rolled back to the savepoint when the block ends
+                assert conn.is_in_transaction()
+                bodies = await conn.fetch("SELECT body FROM notes")
+                assert [r["body"] for r in bodies] == ["committed in the session"]
+                # Nothing is visible outside the scope's transaction yet.
+                assert await world.rows("acme", "notes", "body") == []
+        assert await world.rows("acme", "notes", "body") == [("committed in the session",)]
+
+        with pytest.raises(RuntimeError, match="scope failed"):
+            async with manager.with_connection("acme") as conn, conn.transaction():
+                async with tenant_session(manager) as session:
+                    session.add(Note(body="committed, then the scope failed", meta={}))
+                    await session.commit()
+                raise RuntimeError("scope failed")
+        assert await world.rows("acme", "notes", "body") == [("committed in the session",)]
+        await drained(manager)
+
+
 # --------------------------------------------------------------------------- connections
 
 
