@@ -89,15 +89,18 @@ async def _session_on(
             connection = await _engine_for(manager).connect()
         finally:
             _handover.reset(token)
-        # AsyncSession and AsyncConnection finish their close (the rollback of anything
-        # uncommitted) even when cancelled meanwhile, so the scope ends after it.
-        async with AsyncExitStack() as stack:
-            stack.push_async_exit(connection)
-            session = await stack.enter_async_context(session_class(connection, **session_kwargs))
-            try:
-                yield session
-            finally:
-                session.sync_session.info[_ENDED] = conn
+        try:
+            # AsyncSession finishes its close (the rollback of anything uncommitted) even when
+            # cancelled meanwhile, so the scope ends after it.
+            async with session_class(connection, **session_kwargs) as session:
+                try:
+                    yield session
+                finally:
+                    session.sync_session.info[_ENDED] = conn
+        finally:
+            # Awaited directly, not through __aexit__'s task: with the transaction ended this
+            # does no IO (NullPool's close is _LentConnection.close), so nothing can cut it short.
+            await connection.close()
     finally:
         lent.end()
 
