@@ -8,18 +8,35 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
 from ._backoff import Backoff
 from ._capacity import Capacity
-from ._errors import ManagerClosed, NoCurrentConnection
+from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, SharedCapacity
-from ._scope import Scope, TenantConnection, current_scope, find_scope, scopes
-from ._settings import PoolSettings, Target, redact_dsn, server_address
+from ._pool import Pool, PooledConnection, SharedCapacity, carry_out
+from ._quota import Quotas
+from ._resolver_cache import ResolverCache
+from ._scope import (
+    Scope,
+    TenantConnection,
+    current_scope,
+    find_scope,
+    pop_scope,
+    running_task,
+    scopes,
+)
+from ._session import adopt_init_session
+from ._settings import (
+    PoolSettings,
+    SessionState,
+    Target,
+    dsn_secrets,
+    redact_dsn,
+    server_address,
+)
 from ._stats import Counters, ManagerStats
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
@@ -50,6 +67,7 @@ class TenantPoolManager:
         reconnect_delay: float = 0.1,
         reconnect_delay_max: float = 15.0,
         reconnect_jitter: bool = True,
+        resolver_ttl: float = 60.0,
     ) -> None:
         if max_total_connections is not None and max_total_connections < 1:
             raise ValueError("max_total_connections must be >= 1 or None")
@@ -66,7 +84,8 @@ class TenantPoolManager:
             raise ValueError("reconnect_delay_max must be >= reconnect_delay")
         if default_tenant is not None:
             validate_tenant_id(default_tenant)
-        self._resolver = TenantResolver(resolver)
+        self._resolver = ResolverCache(TenantResolver(resolver), resolver_ttl)
+        self._quotas = Quotas()
         self.max_total_connections = max_total_connections
         self.pool_settings = pool if pool is not None else PoolSettings()
         self.default_tenant = default_tenant
@@ -80,13 +99,19 @@ class TenantPoolManager:
         self._pool_names: set[str] = set()
         # Pools whose connections exceed their min_size give up idle ones first at the cap.
         self._capacity: SharedCapacity = Capacity(
-            max_total_connections, lambda pool: pool.size > pool.settings.min_size
+            max_total_connections,
+            lambda pool: pool.size > pool.settings.min_size,
+            lambda pool: pool.size,
         )
         self._counters = Counters()
         self._maintenance = Maintenance(
             reap_interval,
             self._pools.values,
-            (("forget", self._forget_unused), ("saturation", self._watch_saturation)),
+            (
+                ("forget", self._forget_unused),
+                ("saturation", self._watch_saturation),
+                ("fair share", self._lend_kept),
+            ),
         )
         self._saturated_since: float | None = None
         self._started = False
@@ -98,6 +123,7 @@ class TenantPoolManager:
         """Make the manager ready for checkouts."""
         if self._closed:
             raise ManagerClosed("a closed manager cannot be started again")
+        running_task()  # asyncio only: fail here, clearly, rather than deep in asyncpg
         self._started = True
         self._maintenance.start()
 
@@ -140,6 +166,10 @@ class TenantPoolManager:
 
     def with_connection(self, tenant: str) -> _ScopeContext:
         """A scope holding ``tenant``'s connection: ``async with manager.with_connection(t)``."""
+        if not isinstance(tenant, str):
+            # None included: it is no tenant, not "the current or default one" (that is
+            # connection()), so that a missing header never reaches the default tenant.
+            validate_tenant_id(tenant)
         return _ScopeContext(self, tenant)
 
     def connection(self) -> _ScopeContext:
@@ -162,6 +192,37 @@ class TenantPoolManager:
         """Validate ``tenant`` and return its ``Target`` (``InvalidTenant``, ``UnknownTenant``)."""
         return await self._resolver.resolve(validate_tenant_id(tenant))
 
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Drop ``tenant``'s cached resolution (every tenant's if None): the next scope asks
+        the resolver again. Connections already open stay; ``expire`` replaces them."""
+        if tenant is not None:
+            validate_tenant_id(tenant)
+        self._resolver.invalidate(tenant)
+
+    async def expire(self, tenant: str | None = None) -> None:
+        """Replace the connections of ``tenant``'s pool (every pool's if None).
+
+        Idle connections are closed now, checked-out ones when they are released; checkouts
+        from now on get new connections. The tenant's cached resolution is dropped first, so
+        a resolver that now answers with new credentials is asked again (a new DSN is a new
+        pool; the old one's connections are replaced all the same).
+        """
+        if tenant is None:
+            self._resolver.invalidate()
+            pools = list(self._pools.values())
+        else:
+            validate_tenant_id(tenant)
+            old = self._resolver.cached(tenant)
+            self._resolver.invalidate(tenant)
+            keys = {old.pool_key} if old is not None else set()
+            try:
+                keys.add((await self._resolver.resolve(tenant)).pool_key)
+            except UnknownTenant:
+                if not keys:
+                    raise
+            pools = [self._pools[key] for key in keys if key in self._pools]
+        await asyncio.gather(*(pool.expire() for pool in pools))
+
     def _pool_for(self, target: Target) -> Pool:
         # Created without an await between lookup and insert, so concurrent first checkouts
         # of one target always share one pool.
@@ -173,7 +234,7 @@ class TenantPoolManager:
                 self._unique_name(redact_dsn(target.dsn)),
                 settings,
                 self._connector(target.dsn, settings),
-                secrets=_secrets_of(target.dsn),
+                secrets=_secrets_of(target.dsn, self._connect_kwargs),
                 capacity=self._capacity,
                 counters=self._counters,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
@@ -200,14 +261,22 @@ class TenantPoolManager:
                 pool.hurry(SERVER_BACK_WINDOW)
 
     def _forget_unused(self, now: float) -> None:
-        """Drop pools that hold nothing and went unused for ``forget_after`` seconds.
+        """Drop pools that hold nothing and went unused for ``forget_after`` seconds, and
+        expired resolutions.
 
         Memory then stays bounded by recent tenants, not by every tenant ever seen.
         """
+        self._resolver.purge(now)
         for key, pool in list(self._pools.items()):
             if pool.forgettable(now, self.forget_after):
                 del self._pools[key]
                 self._pool_names.discard(pool.name)
+
+    def _lend_kept(self, now: float) -> None:
+        """Idle connections a pool within its fair share kept from busier pools go to whoever
+        still queues at the cap: kept for one tick at most."""
+        for steal in self._capacity.offer():
+            carry_out(self._capacity, steal)
 
     def _watch_saturation(self, now: float) -> float:
         """Seconds every slot under the cap has been busy (nothing idle to steal), else 0."""
@@ -231,13 +300,21 @@ class TenantPoolManager:
     def _connector(
         self, dsn: str, settings: PoolSettings
     ) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        kwargs = self._connect_kwargs
+        if settings.state_scope == "transaction":
+            # Behind a transaction pooler consecutive transactions reach different server
+            # connections, where statements asyncpg prepared and cached on another do not
+            # exist. Unnamed statements live within one transaction, so they are safe.
+            kwargs = {"statement_cache_size": 0, **kwargs}
+
         async def connect() -> asyncpg.Connection:
             raw: asyncpg.Connection = await asyncpg.connect(
-                dsn, timeout=settings.connect_timeout, **self._connect_kwargs
+                dsn, timeout=settings.connect_timeout, **kwargs
             )
             if self._init is not None:
                 try:
                     await self._init(raw)
+                    await adopt_init_session(raw, budget=settings.connect_timeout)
                 except BaseException:
                     raw.terminate()
                     raise
@@ -259,12 +336,14 @@ class TenantPoolManager:
             max_total=self.max_total_connections,
             pools=MappingProxyType(per_pool),
             checkouts=counters.checkouts,
-            timeouts=counters.timeouts,
+            timeouts=counters.timeouts + self._quotas.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,
             backing_off=sum(s.backing_off for s in per_pool.values()),
             wait_time=counters.wait_times(),
+            quota_waiting=self._quotas.waiting,
+            quota_waits=self._quotas.waits,
         )
 
     async def health(self) -> HealthReport:
@@ -292,36 +371,35 @@ def _no_jitter() -> float:
     return 1.0
 
 
-def _secrets_of(dsn: str) -> tuple[str, ...]:
-    """The password of a DSN in the forms it may appear in, to scrub it from messages."""
-    try:
-        password = urlsplit(dsn).password
-    except ValueError:
-        password = None
-    if not password:
-        return ()
-    return tuple({password, unquote(password)})
+def _secrets_of(dsn: str, connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The passwords a pool connects with, in the forms they may appear in, to scrub them."""
+    found = dsn_secrets(dsn)
+    extra = connect_kwargs.get("password")
+    return (*found, extra) if isinstance(extra, str) and extra else found
 
 
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_manager", "_owned", "_scope", "_tenant", "_token")
+    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
         self._tenant = tenant
         self._scope: Scope | None = None
         self._owned = False
-        self._token: Any = None
+        # What this block checked out, if it did (for commit_and_continue), and whether it
+        # holds a place of its tenant's quota.
+        self._checkout: tuple[Pool, PooledConnection, SessionState, bool] | None = None
 
     async def __aenter__(self) -> TenantConnection:
         if self._scope is not None:
             raise RuntimeError("this scope context is already in use; call with_connection again")
         manager = self._manager
         tenant = self._tenant
+        task = running_task()
         if tenant is None:  # manager.connection()
-            scope = current_scope(manager)
+            scope = current_scope(manager, task)
             if scope is None:
                 if manager.default_tenant is None:
                     raise NoCurrentConnection(
@@ -329,23 +407,34 @@ class _ScopeContext:
                         " and no default_tenant is set"
                     )
                 tenant = manager.default_tenant
-                scope = find_scope(manager, tenant)
+                scope = find_scope(manager, tenant, task)
         else:
             validate_tenant_id(tenant)
             # The same tenant nested in this task reuses the outer connection: no second
             # checkout, so no deadlock at max_size=1.
-            scope = find_scope(manager, tenant)
+            scope = find_scope(manager, tenant, task)
         if scope is None:
             assert tenant is not None  # set whenever no scope was found
             manager._check_open()
             target = await manager._resolver.resolve(tenant)
             pool = manager._pool_for(target)
-            conn = await pool.acquire(target.session_state)
-            scope = Scope(manager, tenant, pool, conn, asyncio.current_task())
+            limit = target.max_in_use
+            if limit is None:
+                conn = await pool.acquire(target.session_state, tenant=tenant)
+            else:
+                quotas = manager._quotas
+                began = await quotas.enter(tenant, limit, pool.settings.acquire_timeout)
+                try:
+                    conn = await pool.acquire(target.session_state, tenant=tenant, started=began)
+                except BaseException:
+                    quotas.leave(tenant)
+                    raise
+            scope = Scope(manager, tenant, pool, conn, task)
             self._owned = True
+            self._checkout = (pool, conn, target.session_state, limit is not None)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
-        self._token = scopes.set((*scopes.get(), scope))
+        scopes.set((*scopes.get(), scope))
         return scope.proxy
 
     async def __aexit__(
@@ -357,17 +446,32 @@ class _ScopeContext:
         scope = self._scope
         assert scope is not None, "__aexit__ without __aenter__"
         self._scope = None
-        # No await from here on: a cancellation cannot cut the release short.
-        try:
-            scopes.reset(self._token)
-        except ValueError:
-            # Exited in another context than entered (some frameworks do): drop just this entry,
-            # if this context holds it at all.
-            stack = scopes.get()
-            found = [i for i, s in enumerate(stack) if s is scope]
-            if found:
-                scopes.set(stack[: found[-1]] + stack[found[-1] + 1 :])
+        # No await until the release: a cancellation cannot cut it short (a commit, the one
+        # await, gives the connection back itself whatever happens).
+        pop_scope(scope)
         if self._owned:
             self._owned = False
+            checkout, self._checkout = self._checkout, None
             pool, conn, used = scope.end()
-            pool.release(conn, dirty=used)
+            try:
+                if not pool.per_transaction:
+                    pool.release(conn, dirty=used)
+                elif exc_type is None and used:
+                    await pool.commit(conn)
+                else:
+                    # Nothing to keep: the rollback runs off the caller's path.
+                    pool.release(conn, dirty=True)
+            finally:
+                if checkout is not None and checkout[3]:
+                    self._manager._quotas.leave(scope.tenant)
+
+    async def commit_and_continue(self) -> None:
+        """Per transaction, commit the scope's work so far and go on in a new transaction
+        carrying the same state; nothing to do per session or for a scope this block reused.
+
+        What a web response reports must have committed before it goes out; the request may
+        still use its connection afterwards (a streaming body, background tasks).
+        """
+        if self._checkout is not None and self._checkout[0].per_transaction:
+            pool, conn, state, _ = self._checkout
+            await pool.commit_and_begin(conn, state)

@@ -9,7 +9,7 @@ its ``finally`` cannot leak the connection.
 The pools of one manager share a ``Capacity`` (the cap across pools) and a ``Counters``. A pool
 asks the capacity for a slot before it opens a connection, tells it when a connection becomes
 idle or stops being so, and when one is gone; the capacity's decisions (grant a slot to a queued
-request, steal an idle connection for one) are carried out by ``_carry_out`` on whichever pool
+request, steal an idle connection for one) are carried out by ``carry_out`` on whichever pool
 they name.
 """
 
@@ -32,7 +32,7 @@ from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavaila
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PooledConnection", "SharedCapacity"]
+__all__ = ["Pool", "PooledConnection", "SharedCapacity", "carry_out"]
 
 logger = logging.getLogger("tenantpool")
 
@@ -51,16 +51,24 @@ class PooledConnection:
         "close_on_release",
         "created_at",
         "expires_at",
+        "generation",
         "guard_ready",
         "last_checked",
         "last_used",
         "next_state",
+        "per_transaction",
         "raw",
     )
 
-    def __init__(self, raw: asyncpg.Connection, settings: PoolSettings, draw: float) -> None:
+    def __init__(
+        self, raw: asyncpg.Connection, settings: PoolSettings, draw: float, generation: int = 0
+    ) -> None:
         now = time.monotonic()
         self.raw = raw
+        # The pool's generation when the connect began: expire() retires older ones.
+        self.generation = generation
+        # Its scopes are transactions (state_scope="transaction"): no session state allowed.
+        self.per_transaction = settings.state_scope == "transaction"
         self.created_at = now
         self.last_used = now
         self.last_checked = now
@@ -79,9 +87,9 @@ class PooledConnection:
 class _Waiter:
     """A checkout waiting for a connection of its pool or for a slot under the cap."""
 
-    __slots__ = ("deadline", "future", "pool", "queued", "since", "state")
+    __slots__ = ("deadline", "future", "pool", "queued", "since", "state", "tenant")
 
-    def __init__(self, pool: Pool, state: SessionState, deadline: float) -> None:
+    def __init__(self, pool: Pool, state: SessionState, deadline: float, tenant: str) -> None:
         loop = asyncio.get_running_loop()
         # The result is an idle connection handed over, or the task opening one for it.
         self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
@@ -89,6 +97,7 @@ class _Waiter:
         )
         self.pool = pool
         self.state = state
+        self.tenant = tenant  # waiters are served round robin across tenants
         self.queued = False  # in the capacity's queue, waiting for a slot
         self.since = loop.time()
         self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
@@ -97,7 +106,7 @@ class _Waiter:
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
 
 
-def _carry_out(
+def carry_out(
     capacity: SharedCapacity,
     decision: Grant[_Waiter] | Steal[Pool, PooledConnection, _Waiter] | None,
 ) -> None:
@@ -138,6 +147,7 @@ class Pool:
         "_dispatching",
         "_drained",
         "_expiry_timer",
+        "_generation",
         "_idle",
         "_idle_by_state",
         "_in_use",
@@ -150,10 +160,12 @@ class Pool:
         "_refill_timer",
         "_secrets",
         "_tasks",
+        "_turns",
         "_waiters",
         "checkouts",
         "last_used",
         "name",
+        "per_transaction",
         "server",
         "settings",
     )
@@ -178,6 +190,7 @@ class Pool:
         self._on_back = on_back
         self._refill_spread = refill_spread
         self.settings = settings
+        self.per_transaction = settings.state_scope == "transaction"
         self._connect = connect
         self._secrets = secrets
         self._capacity = capacity
@@ -196,6 +209,10 @@ class Pool:
         self._closing = 0
         # Checkouts in arrival order; a dict so that any of them leaves in O(1).
         self._waiters: dict[_Waiter, None] = {}
+        # The same waiters by tenant, tenants in the order their turn comes: one served goes
+        # to the back, so a tenant with one checkout waiting is next after at most one of
+        # each other tenant's, however many they have queued.
+        self._turns: dict[str, dict[_Waiter, None]] = {}
         self._pending = 0  # waiters queued at the capacity
         self._dispatching = False
         self._dispatch_again = False
@@ -208,6 +225,7 @@ class Pool:
         # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
         # there only while someone waits (_forget_waiter cancels it with the last one).
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
 
@@ -258,22 +276,37 @@ class Pool:
 
     # -- checkout ----------------------------------------------------------------------------
 
-    async def acquire(self, state: SessionState) -> PooledConnection:
-        """Check out a connection carrying session ``state``."""
-        started: float | None = None
-        deadline = 0.0
+    async def acquire(
+        self, state: SessionState, *, tenant: str = "", started: float | None = None
+    ) -> PooledConnection:
+        """Check out a connection carrying session ``state``.
+
+        Per transaction, the connection comes with its transaction open and ``state`` set in
+        it; idle connections then carry no state at all, so any of them will do. ``started``
+        is the loop time the checkout began waiting, if it already did (for its quota): the
+        ``acquire_timeout`` counts from then.
+        """
+        per_transaction = self.per_transaction
+        wanted: SessionState = () if per_transaction else state
+        deadline = 0.0 if started is None else started + self.settings.acquire_timeout
         while True:
-            conn = None if self._waiters else self._take_idle(state)
+            conn = None if self._waiters else self._take_idle(wanted)
             if conn is None:
                 if started is None:
                     started = asyncio.get_running_loop().time()
                     deadline = started + self.settings.acquire_timeout
-                conn = await self._acquire_slow(state, deadline)
-            if conn.applied != state:
+                conn = await self._acquire_slow(wanted, deadline, tenant)
+            if per_transaction or conn.applied != state:
                 try:
-                    await _session.apply_state(
-                        conn.raw, conn.applied or (), state, budget=self.settings.connect_timeout
-                    )
+                    if per_transaction:
+                        await _session.begin(conn.raw, state, budget=self.settings.connect_timeout)
+                    else:
+                        await _session.apply_state(
+                            conn.raw,
+                            conn.applied or (),
+                            state,
+                            budget=self.settings.connect_timeout,
+                        )
                 except BaseException as exc:
                     conn.applied = None
                     self.release(conn, dirty=True)
@@ -283,7 +316,7 @@ class Pool:
                         # A connection that died while idle (a server restart): try another.
                         continue
                     raise self._apply_failed(exc) from exc
-                conn.applied = state
+                conn.applied = wanted
             self.checkouts += 1
             self._counters.checkouts += 1
             if started is not None:
@@ -302,14 +335,17 @@ class Pool:
             retry_after=_TIMEOUT_RETRY_AFTER,
         )
 
-    async def _acquire_slow(self, state: SessionState, deadline: float) -> PooledConnection:
+    async def _acquire_slow(
+        self, state: SessionState, deadline: float, tenant: str
+    ) -> PooledConnection:
         if self._closed:
             raise ManagerClosed("the manager is closed")
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state, deadline)
+        waiter = _Waiter(self, state, deadline, tenant)
         self._waiters[waiter] = None
+        self._turns.setdefault(tenant, {})[waiter] = None
         self._dispatch()
         timer = self._expiry_timer
         if not waiter.future.done() and (timer is None or timer.when() > deadline):
@@ -421,7 +457,7 @@ class Pool:
 
     def _start_open(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
         """Hand ``waiter`` a slot: it gets the task opening its connection."""
-        self._forget_waiter(waiter)
+        self._forget_waiter(waiter, served=True)
         self._opening += 1
         task = asyncio.get_running_loop().create_task(self._open(victim))
         self._track(task)
@@ -434,6 +470,7 @@ class Pool:
         connection stays counted in ``_opening`` until its opener claims it.
         """
         admission: Admission | None = None
+        generation = self._generation
         try:
             if victim is not None:
                 await _close_gracefully(victim.raw, self.settings.connect_timeout)
@@ -472,7 +509,7 @@ class Pool:
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        return PooledConnection(raw, self.settings, self._lifetime_draw())
+        return PooledConnection(raw, self.settings, self._lifetime_draw(), generation)
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
@@ -543,7 +580,12 @@ class Pool:
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
-        if self._closed or conn.close_on_release or raw.is_closed():
+        if (
+            self._closed
+            or conn.close_on_release
+            or conn.generation != self._generation
+            or raw.is_closed()
+        ):
             self._discard(conn)
         elif conn.expires_at is not None and now >= conn.expires_at:
             self._counters.recycles += 1
@@ -553,16 +595,57 @@ class Pool:
             # Connections come back from their resets about in the order they went, and each
             # goes to the first waiter left: reset this one straight to the state of the waiter
             # it will likely serve, sparing that checkout the round trip of a tenant switch.
-            for waiter in islice(self._waiters, len(self._aside), None):
+            for waiter in self._fair_order(len(self._aside) + 1)[len(self._aside) :]:
                 conn.next_state = waiter.state
-                break
             self._set_aside(conn, self._reset)
         else:
             self._make_idle(conn)
 
+    async def commit(self, conn: PooledConnection) -> None:
+        """End a per-transaction scope that used its connection and raised nothing.
+
+        The commit is the caller's to wait for: its error (a deferred constraint, a
+        serialization failure) is the scope's. The connection comes back whatever happens,
+        a cancellation included; after a failure, through the rollback of a reset.
+        """
+        raw = conn.raw
+        committed = False
+        try:
+            self._check_scope_transaction(raw)
+            await raw.execute("COMMIT")
+            committed = True
+        finally:
+            if committed:
+                _session.forget_client_state(raw)
+            self.release(conn, dirty=not committed)
+
+    async def commit_and_begin(self, conn: PooledConnection, state: SessionState) -> None:
+        """Commit a per-transaction scope's work so far and open its next transaction."""
+        raw = conn.raw
+        self._check_scope_transaction(raw)
+        # One round trip: a failed COMMIT stops the script before the BEGIN.
+        await raw.execute("COMMIT; " + _session.begin_script(state))
+
+    def _check_scope_transaction(self, raw: asyncpg.Connection) -> None:
+        if not raw.is_in_transaction():
+            raise TenantPoolError(
+                f"the scope's transaction on {self.name} was ended inside the scope"
+                " (a COMMIT or ROLLBACK in user code): with state_scope='transaction',"
+                " statements after it ran without the tenant's state; use"
+                " conn.transaction() for a nested transaction (a savepoint)"
+            )
+
     async def _reset(self, conn: PooledConnection) -> None:
         raw = conn.raw
         await _session.settle(raw, budget=self.settings.connect_timeout)
+        if self.per_transaction:
+            # The scope's transaction is all tenantpool set, so its rollback is the whole
+            # reset; a session-wide clean-up would run, behind a transaction pooler, on
+            # whichever server connection the pooler picks, another client's perhaps.
+            if raw.is_in_transaction():
+                await raw.execute("ROLLBACK")
+            conn.applied = ()
+            return
         wanted, conn.next_state = conn.next_state, None
         if wanted is not None and wanted != conn.applied:
             try:
@@ -584,6 +667,7 @@ class Pool:
                 in_transaction=raw.is_in_transaction(),
                 guard_ready=conn.guard_ready,
                 deallocate=deallocate,
+                baseline=_session.baseline_of(raw),
             )
             try:
                 # No timeout here: a timer per release costs more than the query's own client
@@ -594,6 +678,7 @@ class Pool:
                 if deallocate:
                     raise
         conn.guard_ready = True
+        _session.use_statement_cache(raw, state)
 
     async def _ping(self, conn: PooledConnection) -> None:
         await conn.raw.execute("SELECT 1")  # bounded by the watchdog, as resets are
@@ -630,16 +715,21 @@ class Pool:
 
     def _make_idle(self, conn: PooledConnection) -> None:
         """File a free connection: to this pool's first waiter, else idle (maybe stolen)."""
-        if self._closed or conn.applied is None:  # state unknown: never idle without a reset
+        # State unknown: never idle without a reset. Older than expire(): replaced.
+        if self._closed or conn.applied is None or conn.generation != self._generation:
             self._discard(conn)
             return
         self._idle[conn] = None
         self._idle_by_state.setdefault(conn.applied, {})[conn] = None
         if self._waiters:
+            passed = self._capacity.pass_on(conn, self)
+            if passed is not None:  # over its fair share at the cap: another tenant's turn
+                carry_out(self._capacity, passed)
+                return
             self._dispatch()
             if conn not in self._idle:
                 return
-        _carry_out(self._capacity, self._capacity.became_idle(conn, self))
+        carry_out(self._capacity, self._capacity.became_idle(conn, self))
 
     def _discard(self, conn: PooledConnection) -> None:
         """Close a connection that is in none of the pool's collections.
@@ -665,14 +755,21 @@ class Pool:
 
     def _slot_freed(self) -> None:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
-        _carry_out(self._capacity, self._capacity.closed())
+        carry_out(self._capacity, self._capacity.closed())
         self._dispatch()
         if self._drained is not None and not self._in_use and not self._aside:
             self._drained.set()
 
-    def _forget_waiter(self, waiter: _Waiter) -> None:
+    def _forget_waiter(self, waiter: _Waiter, *, served: bool = False) -> None:
         if waiter in self._waiters:
             del self._waiters[waiter]
+            tenant = waiter.tenant
+            turn = self._turns[tenant]
+            del turn[waiter]
+            if not turn:
+                del self._turns[tenant]
+            elif served:
+                self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
             if not self._waiters and self._expiry_timer is not None:
                 # Nobody left to time out; a pending timer would also keep a forgotten pool
                 # alive until it fired.
@@ -699,20 +796,38 @@ class Pool:
         finally:
             self._dispatching = False
 
+    def _fair_order(self, limit: int) -> list[_Waiter]:
+        """The first ``limit`` waiters in the order they are to be served: round robin across
+        tenants, whose turn comes first, and first come first served within a tenant."""
+        if len(self._turns) <= 1:
+            return list(islice(self._waiters, limit))
+        order: list[_Waiter] = []
+        lines = [iter(turn) for turn in islice(self._turns.values(), limit)]
+        while lines:
+            going = []
+            for line in lines:
+                waiter = next(line, None)
+                if waiter is not None:
+                    order.append(waiter)
+                    if len(order) == limit:
+                        return order
+                    going.append(line)
+            lines = going
+        return order
+
     def _dispatch_once(self) -> None:
-        waiters = self._waiters
-        if not waiters:
+        if not self._waiters:
             return
         max_size = self.settings.max_size
         # Past this many, every waiter is either queued at the capacity or has no room.
-        for waiter in list(islice(waiters, len(self._idle) + max_size + 1)):
+        for waiter in self._fair_order(len(self._idle) + max_size + 1):
             if waiter.future.done():
                 self._forget_waiter(waiter)
                 continue
             if self._idle:
                 conn = self._take_idle(waiter.state)
                 if conn is not None:
-                    self._forget_waiter(waiter)
+                    self._forget_waiter(waiter, served=True)
                     waiter.future.set_result(conn)
                     continue
             if waiter.queued:
@@ -729,7 +844,7 @@ class Pool:
                 waiter.queued = True
                 self._pending += 1
             else:
-                _carry_out(self._capacity, decision)
+                carry_out(self._capacity, decision)
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -892,6 +1007,20 @@ class Pool:
             # A pool promised min_size keeps trying to get there; the timer must not outlive it.
             and self._refill_timer is None
         )
+
+    async def expire(self) -> None:
+        """Replace every connection: idle ones are closed now, the others at their release.
+
+        After a password rotation or a role change, checkouts from now on get connections
+        opened from now on (one whose connect was already under way serves its checkout,
+        then goes too).
+        """
+        self._generation += 1
+        for conn in list(self._idle):
+            self._remove_idle(conn)
+            self._discard(conn)
+        if self._closers:
+            await asyncio.wait(list(self._closers))
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -8,25 +8,37 @@ connection (concurrent use of one asyncpg connection fails, and would mix up tra
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import asyncpg.connection
 
-from ._errors import ConnectionReleased
+from ._errors import ConnectionReleased, TenantPoolError
 
 if TYPE_CHECKING:
     from ._manager import TenantPoolManager
     from ._pool import Pool, PooledConnection
 
-__all__ = ["Scope", "TenantConnection", "current_scope", "find_scope", "scopes"]
+__all__ = [
+    "Scope",
+    "TenantConnection",
+    "current_scope",
+    "find_scope",
+    "pop_scope",
+    "running_task",
+    "scopes",
+]
 
 
 # Calls that change client-side state we cannot cheaply undo: the connection is closed at
 # release instead of being handed to another scope.
 _POISONING = frozenset({"set_type_codec", "reset_type_codec", "set_builtin_type_codec"})
+# Calls that leave state in the server session, which a per-transaction scope must not.
+_SESSION_ONLY = frozenset({"add_listener"})
 # Calls that only read client-side state: they cannot dirty the session, so they do not make
 # the release pay for a reset.
 _INERT = frozenset(
@@ -44,7 +56,9 @@ _INERT = frozenset(
 if TYPE_CHECKING:
     _ProxyBase = asyncpg.Connection[asyncpg.Record]
 else:
-    _ProxyBase = object
+    # asyncpg.Connection's metaclass counts its proxies' subclasses as instances, so that
+    # isinstance(conn, asyncpg.Connection) holds for ours as for asyncpg.Pool's.
+    _ProxyBase = asyncpg.connection._ConnectionProxy
 
 
 class TenantConnection(_ProxyBase):
@@ -84,6 +98,24 @@ class TenantConnection(_ProxyBase):
         # Anything not wrapped below (attributes, private helpers) still goes through the check.
         return getattr(self._live(), name)
 
+    # While a scope is open the raw connection names this proxy as its own (as asyncpg.Pool's
+    # do), so that listener callbacks receive the proxy, never the raw connection. asyncpg then
+    # drops a stale statement or type cache through ``proxy._holder._pool``: here that is
+    # this one connection's cache.
+    @property
+    def _holder(self) -> TenantConnection:
+        return self
+
+    @property
+    def _pool(self) -> TenantConnection:
+        return self
+
+    def _drop_statement_cache(self) -> None:
+        self._live(False)._drop_local_statement_cache()  # type: ignore[attr-defined]
+
+    def _drop_type_cache(self) -> None:
+        self._live(False)._drop_local_type_cache()  # type: ignore[attr-defined]
+
     def __repr__(self) -> str:
         state = "released" if self._raw is None else f"pid={self._raw.get_server_pid()}"
         return f"<TenantConnection tenant={self._tenant!r} {state}>"
@@ -91,12 +123,22 @@ class TenantConnection(_ProxyBase):
 
 def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     poisons = name in _POISONING
+    session_only = name in _SESSION_ONLY
     if inspect.iscoroutinefunction(original):
 
         async def async_method(self: TenantConnection, *args: Any, **kwargs: Any) -> Any:
             raw = self._live()
-            if poisons and self._conn is not None:
-                self._conn.close_on_release = True
+            conn = self._conn
+            if conn is not None:
+                if poisons:
+                    conn.close_on_release = True
+                if session_only and conn.per_transaction:
+                    raise TenantPoolError(
+                        f"{name}() needs a session of its own (LISTEN outlives the scope's"
+                        " transaction, and behind a transaction pooler notifications reach"
+                        " whichever client holds the server connection); with"
+                        " state_scope='transaction' listen on a connection of its own"
+                    )
             return await getattr(raw, name)(*args, **kwargs)
 
         wrapper: Callable[..., Any] = async_method
@@ -107,8 +149,9 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
             return getattr(self._live(touches), name)(*args, **kwargs)
 
         wrapper = method
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = original.__doc__
+    # __wrapped__ gives inspect.signature (editors, SQLAlchemy) asyncpg's own signature.
+    functools.update_wrapper(wrapper, original)
+    wrapper.__qualname__ = f"TenantConnection.{name}"
     return wrapper
 
 
@@ -135,6 +178,7 @@ class Scope:
         self.pool: Pool | None = pool
         self.task = task
         self.proxy = TenantConnection(conn, tenant)
+        conn.raw._proxy = self.proxy  # type: ignore[attr-defined]
 
     def end(self) -> tuple[Pool, PooledConnection, bool]:
         """Close the scope: its pool, its connection, and whether the scope used it.
@@ -146,32 +190,83 @@ class Scope:
         pool, self.pool = self.pool, None
         assert pool is not None, "a scope ends once"
         conn, used = self.proxy._detach()
+        conn.raw._proxy = None  # type: ignore[attr-defined]
         return pool, conn, used
 
 
 # Immutable tuples, innermost last: a child task's copy can never change its parent's stack.
+# An entry may outlive its scope (blocks exited out of order, a copy of the context taken
+# while it was open): lookups skip ended scopes.
 scopes: ContextVar[tuple[Scope, ...]] = ContextVar("tenantpool_scopes", default=())
 
+_NOT_ASYNCIO = (
+    "tenantpool needs a running asyncio task: asyncpg runs on asyncio only"
+    " (not under trio, nor in a thread without an event loop)"
+)
 
-def current_scope(manager: TenantPoolManager) -> Scope | None:
-    """The innermost scope of ``manager`` opened by the current task, if any."""
+
+def running_task() -> asyncio.Task[Any]:
+    """The asyncio task running now; ``TenantPoolError`` saying why when there is none."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio, or a worker thread
+        task = None
+    if task is None:
+        raise TenantPoolError(_NOT_ASYNCIO)
+    return task
+
+
+def current_scope(
+    manager: TenantPoolManager, task: asyncio.Task[Any] | None = None
+) -> Scope | None:
+    """The innermost open scope of ``manager`` opened by ``task`` (default: the current one).
+
+    In a thread without an event loop (FastAPI runs sync dependencies in a worker thread with a
+    copy of the context) no task owns a scope: ``None``.
+    """
     stack = scopes.get()
     if not stack:
         return None
-    task = asyncio.current_task()
+    if task is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return None
     for scope in reversed(stack):
-        if scope.manager is manager and scope.task is task:
+        if scope.manager is manager and scope.task is task and scope.pool is not None:
             return scope
     return None
 
 
-def find_scope(manager: TenantPoolManager, tenant: str) -> Scope | None:
-    """An open scope of ``manager`` for ``tenant`` in the current task, innermost first."""
+def find_scope(manager: TenantPoolManager, tenant: str, task: asyncio.Task[Any]) -> Scope | None:
+    """An open scope of ``manager`` for ``tenant`` opened by ``task``, innermost first."""
     stack = scopes.get()
     if not stack:
         return None
-    task = asyncio.current_task()
     for scope in reversed(stack):
-        if scope.manager is manager and scope.task is task and scope.tenant == tenant:
+        if (
+            scope.manager is manager
+            and scope.task is task
+            and scope.tenant == tenant
+            and scope.pool is not None
+        ):
             return scope
     return None
+
+
+def pop_scope(scope: Scope) -> None:
+    """Take one entry of ``scope`` off this context's stack, wherever it is.
+
+    Normally it is on top. Blocks exited out of order (an outer one before an inner one, by
+    hand or through a misused ``AsyncExitStack``) find it lower down, or gone when exited in
+    another context than entered (some frameworks do): only that entry goes. Resetting a
+    ContextVar token instead would restore the stack as it was on entry, ended scopes and all.
+    """
+    stack = scopes.get()
+    if stack and stack[-1] is scope:
+        scopes.set(stack[:-1])
+        return
+    for i in range(len(stack) - 2, -1, -1):
+        if stack[i] is scope:
+            scopes.set(stack[:i] + stack[i + 1 :])
+            return

@@ -14,22 +14,32 @@ Two paths, each one round trip:
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
+import weakref
 from typing import Any
 
 import asyncpg
 
+from ._errors import TenantPoolError
 from ._settings import SessionState
 
 __all__ = [
     "GUARD",
     "PreparedStatementsLeft",
+    "adopt_init_session",
     "apply_state",
+    "baseline_of",
+    "begin",
+    "begin_script",
     "forget_client_state",
     "quote_literal",
     "reset_script",
     "settle",
+    "use_statement_cache",
 ]
+
+logger = logging.getLogger("tenantpool")
 
 # Order matters: SET SESSION AUTHORIZATION DEFAULT before RESET ROLE and RESET ALL, because
 # ``role`` and ``session_authorization`` are exempt from RESET ALL; the tenant's settings come
@@ -92,20 +102,26 @@ def _final_select(pairs: SessionState) -> str:
 
 
 def reset_script(
-    state: SessionState | None, *, in_transaction: bool, guard_ready: bool, deallocate: bool
+    state: SessionState | None,
+    *,
+    in_transaction: bool,
+    guard_ready: bool,
+    deallocate: bool,
+    baseline: SessionState = (),
 ) -> str:
     """The script that cleans a connection and, if ``state`` is known, re-applies it.
 
     Without ``deallocate`` it raises ``PreparedStatementsLeft`` if user code left SQL-level
     prepared statements; run it again with ``deallocate=True`` then. Both leave the guard
-    prepared (it is prepared first unless ``guard_ready``).
+    prepared (it is prepared first unless ``guard_ready``). ``baseline`` (what the manager's
+    ``init`` set, see ``adopt_init_session``) is restored after ``RESET ALL``, before ``state``.
     """
     script = "ROLLBACK;" if in_transaction else ""
     if deallocate:
         script += _DEALLOCATE_SQL_PREPARED + _PREPARE_GUARD
     else:
         script += _RUN_GUARD if guard_ready else _PREPARE_GUARD + _RUN_GUARD
-    return script + _CLEAN + _final_select(state or ())
+    return script + _CLEAN + _final_select(baseline + state if state else baseline)
 
 
 @functools.cache  # keyed by the number of settings: a handful of entries
@@ -124,14 +140,119 @@ async def apply_state(
     # The select list runs left to right: the old role goes first, so that the new settings are
     # applied as the login user (as on a fresh connection) and the new role comes last.
     new_names = {name for name, _ in new}
+    base = dict(_baselines.get(raw, ()))  # what init set: restored rather than RESET
     args: list[str | None] = []
     for name, _ in sorted(old, key=lambda pair: pair[0] != "role"):
         if name == "role" or name not in new_names:
-            args += (name, None)
+            args += (name, base.get(name))
     for name, value in new:
         args += (name, value)
     if args:
         await raw.execute(_apply_sql(len(args) // 2), *args, timeout=budget)
+        use_statement_cache(raw, new)
+
+
+# What the manager's init left in each connection's session: the baseline every reset restores.
+_baselines: weakref.WeakKeyDictionary[asyncpg.Connection, SessionState] = (
+    weakref.WeakKeyDictionary()
+)
+# Built-in settings init set (source 'session'), then the role it switched to, applied last.
+# Custom (dotted) settings are placeholders that pg_settings does not list: they are not kept.
+_READ_BASELINE = (
+    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings"
+    " WHERE source = 'session' AND name NOT IN ('role', 'session_authorization')"
+    " UNION ALL SELECT 'role', current_user WHERE current_user <> session_user"
+)
+
+
+async def adopt_init_session(raw: asyncpg.Connection, *, budget: float) -> None:
+    """After the manager's ``init`` ran on a new connection: keep what it set in the session.
+
+    Every reset runs ``RESET ALL``; the settings ``init`` set (``SET statement_timeout``,
+    ``SET default_transaction_read_only``, ``SET ROLE``...) are read once here and re-applied
+    after it, so every checkout sees them, not just the first. A connection whose ``init``
+    left a transaction open is refused: handed out, its scope's ``conn.transaction()`` would
+    fail and its writes would be rolled back at release.
+    """
+    if raw.is_in_transaction():
+        logger.warning(
+            "tenantpool: init left a transaction open; the new connection is closed, not used"
+        )
+        raise TenantPoolError(
+            "init left a transaction open (commit or roll it back inside init);"
+            " the connection was closed"
+        )
+    rows = await raw.fetch(_READ_BASELINE, timeout=budget)
+    if rows:
+        _baselines[raw] = tuple((row[0], row[1]) for row in rows)
+
+
+def baseline_of(raw: asyncpg.Connection) -> SessionState:
+    """The session state ``init`` gave ``raw``, restored by every reset; ``()`` without one."""
+    return _baselines.get(raw, ())
+
+
+# Statement caches a connection keeps, one per search_path it served, most recent last.
+_MAX_CACHES = 8
+_caches: weakref.WeakKeyDictionary[asyncpg.Connection, dict[str | None, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def use_statement_cache(raw: asyncpg.Connection, state: SessionState) -> None:
+    """Give ``raw`` the statement cache of ``state``'s search_path, now the session's.
+
+    asyncpg caches prepared statements by query text. The server re-plans one when the
+    search_path changes, and refuses when the result's columns differ ("cached plan must not
+    change result type": two tenant schemas whose tables differ, say mid-migration); asyncpg
+    retries that outside a transaction, but inside one it fails. So each search_path gets a
+    cache of its own, and a tenant never runs a statement prepared under another's schema.
+    """
+    path = None
+    for name, value in state:
+        if name == "search_path":
+            path = value
+    con: Any = raw
+    caches = _caches.get(raw)
+    if caches is None:
+        if path is None or not con._stmt_cache.get_max_size():
+            # Never left the default search_path, or no cache: the common case costs a lookup.
+            return
+        caches = _caches[raw] = {None: con._stmt_cache}
+    if caches.get(path) is con._stmt_cache:
+        return
+    # The cache being left stays for when this search_path comes back.
+    _watch(raw, con._stmt_cache)
+    cache = caches.pop(path, None)
+    if cache is None:
+        current = con._stmt_cache
+        cache = type(current)(
+            loop=con._loop,
+            max_size=current.get_max_size(),
+            on_remove=None,
+            max_lifetime=current.get_max_lifetime(),
+        )
+    _watch(raw, cache)
+    caches[path] = cache  # most recent last
+    con._stmt_cache = cache
+    while len(caches) > _MAX_CACHES:
+        oldest = next(iter(caches))
+        caches.pop(oldest).clear()
+
+
+def _watch(raw: asyncpg.Connection, cache: Any) -> None:
+    # A statement leaving a cache is closed on the server unless in use; asyncpg's own check
+    # looks at the current cache only, which would keep one dropped from another forever.
+    cache._on_remove = functools.partial(_statement_dropped, weakref.ref(raw), cache)
+
+
+def _statement_dropped(ref: weakref.ref[asyncpg.Connection], cache: Any, stmt: Any) -> None:
+    con: Any = ref()
+    if con is None or stmt.refs or not stmt.name:
+        return
+    if not cache.has((stmt.query, stmt.record_class, stmt.ignore_custom_codec)):
+        stmt.mark_closed()
+        con._stmts_to_close.add(stmt)
 
 
 def forget_client_state(raw: asyncpg.Connection) -> None:
@@ -160,3 +281,31 @@ async def settle(raw: asyncpg.Connection, *, budget: float) -> None:
     protocol: Any = getattr(raw, "_protocol", None)
     if protocol is not None and protocol._is_cancelling():
         await protocol._wait_for_cancellation(budget)
+
+
+# -- state_scope="transaction": the tenant's state lives and dies with the scope's transaction
+
+
+@functools.lru_cache(maxsize=4096)
+def begin_script(state: SessionState) -> str:
+    """``BEGIN`` and ``state`` set transaction-locally: one simple-query round trip.
+
+    Nothing in it outlives the transaction, so behind a transaction pooler no other client can
+    find it on the server connection afterwards.
+    """
+    calls = ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, true)"
+        for name, value in state
+    )
+    return f"BEGIN; SELECT {calls};" if calls else "BEGIN;"
+
+
+async def begin(raw: asyncpg.Connection, state: SessionState, *, budget: float) -> None:
+    """Open a scope's transaction on ``raw`` carrying ``state``."""
+    await raw.execute(begin_script(state), timeout=budget)
+    use_statement_cache(raw, state)  # when the user turned asyncpg's cache back on
+    # asyncpg's transaction() refuses to start inside a transaction it did not open itself;
+    # told one is open, it nests as a savepoint, which is what user code inside a scope means.
+    # The scope's release (forget_client_state) clears it again.
+    con: Any = raw
+    con._top_xact = raw.transaction()

@@ -75,12 +75,14 @@ class ManagerStats:
     max_total: int | None
     pools: Mapping[str, PoolStats]
     checkouts: int  # completed checkouts (a nested scope reusing its outer one is not one)
-    timeouts: int  # PoolTimeout raised
+    timeouts: int  # PoolTimeout raised (quota waits that ran out included)
     steals: int  # idle connections of one pool closed to make room for another at the cap
     recycles: int  # connections closed for reaching their max_age
     connect_errors: int  # failed connection attempts
     backing_off: int  # pools whose target is failing
     wait_time: WaitTimes
+    quota_waiting: int = 0  # checkouts waiting because their tenant holds its max_in_use
+    quota_waits: int = 0  # checkouts that ever had to
 
 
 class Counters:

@@ -53,6 +53,10 @@ class TenantResolver:
                 f"got {type(resolver).__name__}"
             )
 
+    @property
+    def is_mapping(self) -> bool:
+        return self._mapping is not None
+
     async def resolve(self, tenant: str) -> Target:
         """Return the ``Target`` of an already validated tenant id, or raise ``UnknownTenant``."""
         if self._mapping is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from _pgbouncer import PgBouncerMissing, find_pgbouncer
 from _postgres import PostgresCluster, unique_name
 
 __all__ = ["PostgresCluster", "unique_name"]
@@ -54,3 +56,15 @@ async def login(pg: PostgresCluster) -> AsyncIterator[tuple[str, str]]:
 @pytest.fixture
 def login_dsn(pg: PostgresCluster, login: tuple[str, str]) -> str:
     return pg.dsn(*login)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_binary() -> str:
+    """The ``pgbouncer`` binary; skips where it is missing, except under CI, which installs it
+    (``.ci/run``) and where a skip would hide the transaction-pooling tests."""
+    try:
+        return find_pgbouncer()
+    except PgBouncerMissing as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))

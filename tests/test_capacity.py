@@ -80,6 +80,38 @@ def test_an_idle_connection_is_stolen_at_once_for_a_queued_request_of_another_po
     assert cap.waiting == 1 and cap.idle == 0
 
 
+def test_a_pool_over_its_fair_share_passes_one_release_in_limit_plus_one_on() -> None:
+    sizes = {"a": 2, "b": 0}
+    cap: Capacity[str, int, str] = Capacity(2, lambda p: True, sizes.__getitem__)
+    assert cap.request("a1", "a") == Grant("a1")
+    assert cap.request("a2", "a") == Grant("a2")
+    assert cap.request("b1", "b") is None
+    # a holds 2 of a cap of 2 shared with b: over its share of 1. It keeps two releases for
+    # its own waiters, then the third goes to b.
+    assert cap.pass_on(10, "a") is None
+    assert cap.pass_on(11, "a") is None
+    assert cap.pass_on(12, "a") == Steal("b1", "a", 12)
+    assert cap.waiting == 0
+    sizes.update(a=1, b=1)
+    assert cap.request("b2", "b") is None
+    # Within its share a pool keeps what it gets back: no churn once shares have settled.
+    for conn in range(20, 30):
+        assert cap.pass_on(conn, "a") is None
+    assert cap.withdraw("b2")
+
+
+def test_withdrawing_from_a_long_queue_is_constant_time() -> None:
+    cap: Capacity[str, int, str] = Capacity(1, lambda p: True)
+    assert cap.request("first", "a") == Grant("first")
+    for n in range(10_000):
+        assert cap.request(f"r{n}", "b") is None
+    for n in range(0, 10_000, 2):
+        assert cap.withdraw(f"r{n}")
+    assert cap.waiting == 5_000
+    assert cap.closed() == Grant("r1")
+    assert cap.became_idle(1, "a") == Steal("r3", "a", 1)
+
+
 def test_no_cap_always_grants() -> None:
     cap: Capacity[str, int, str] = Capacity(None, lambda p: True)
     for i in range(1000):
@@ -105,8 +137,12 @@ class CapacityMachine(RuleBasedStateMachine):
         self.limit = 4
         self.model = Model()
         self.cap: Capacity[str, int, str] = Capacity(
-            self.limit, lambda p: self.model.size(p) > MIN_SIZE[p]
+            self.limit, lambda p: self.model.size(p) > MIN_SIZE[p], self.model.size
         )
+        self.kept = 0  # releases kept by a pool over its share while others were queued
+        # Idle connections a pool within its fair share kept from a queued request: allowed
+        # to stay idle until the next tick lends them out.
+        self.kept_idle: set[int] = set()
         self.ids = itertools.count()
 
     def apply(self, decision: Grant[str] | Steal[str, int, str] | None) -> None:
@@ -133,6 +169,10 @@ class CapacityMachine(RuleBasedStateMachine):
         request = f"{pool}:{next(self.ids)}"
         decision = self.cap.request(request, pool)
         if decision is None:
+            if not m.queued:  # it could have stolen: only fair shares may have kept it back
+                for conn, owner in m.idle.items():
+                    assert owner == pool or self.keeps(owner, pool), "a stealable idle conn"
+                    self.kept_idle.add(conn)
             m.queued.append((request, pool))
         else:
             self.apply(decision)
@@ -167,22 +207,43 @@ class CapacityMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         m = self.model
         conn = data.draw(st.sampled_from(sorted(m.in_use)))
-        pool = m.in_use.pop(conn)
+        # Still counted as the pool's while it decides, as the pool counts it.
+        pool = m.in_use[conn]
         mine = [entry for entry in m.queued if entry[1] == pool]
-        if mine:  # the pool's own waiter takes it directly, leaving the cap's queue
+        if mine:
+            others = {p for _, p in m.queued if p != pool}
+            over_share = bool(others) and m.size(pool) * (len(others) + 1) > self.limit
+            passed = self.cap.pass_on(conn, pool)
+            if passed is not None:
+                assert over_share, "only a pool over its fair share passes a release on"
+                expected = next(entry for entry in m.queued if entry[1] != pool)
+                assert passed.request == expected[0], "it goes to the first of another pool"
+                del m.in_use[conn]
+                m.queued.remove(expected)
+                m.closing[passed.request] = expected[1]
+                self.kept = 0
+                return
+            if over_share:
+                self.kept += 1
+                assert self.kept <= self.limit, "another pool's request waited too long"
+            # The pool's own waiter takes it directly, leaving the cap's queue.
             request, _ = mine[0]
             m.queued.remove(mine[0])
             assert self.cap.withdraw(request)
-            m.in_use[conn] = pool
             return
+        del m.in_use[conn]
+        m.idle[conn] = pool  # counted as the pool's while the capacity decides
+        eligible = [e for e in m.queued if e[1] != pool and not self.keeps(pool, e[1])]
         decision = self.cap.became_idle(conn, pool)
         if decision is None:
-            m.idle[conn] = pool
+            assert not eligible, "a request another pool's idle conn could serve was left"
+            if any(e[1] != pool for e in m.queued):
+                self.kept_idle.add(conn)
         else:
-            expected = next(entry for entry in m.queued if entry[1] != pool)
-            assert decision.request == expected[0], "steal must serve the first eligible"
-            m.queued.remove(expected)
-            m.closing[decision.request] = expected[1]
+            assert decision.request == eligible[0][0], "steal must serve the first eligible"
+            del m.idle[conn]
+            m.queued.remove(eligible[0])
+            m.closing[decision.request] = eligible[0][1]
 
     @precondition(lambda self: self.model.in_use or self.model.idle)
     @rule(data=st.data())
@@ -220,13 +281,33 @@ class CapacityMachine(RuleBasedStateMachine):
         assert self.cap.waiting == len(m.queued)
         assert self.cap.idle == len(m.idle)
 
+    def keeps(self, pool: str, requester: str) -> bool:
+        """The fair-share rule, from the model's side: ``pool`` within its share keeps its
+        idle connections from ``requester`` at or over its own."""
+        competing = len({p for _, p in self.model.queued} | {pool, requester})
+        size = self.model.size
+        return size(pool) * competing <= self.limit <= size(requester) * competing
+
+    @rule()
+    def tick(self) -> None:
+        """The background task lends out what fair shares kept back."""
+        for steal in self.cap.offer():
+            self.apply(steal)
+            entry = next(e for e in self.model.queued if e[0] == steal.request)
+            self.model.queued.remove(entry)
+            assert steal.pool != entry[1]
+        for _, pool in self.model.queued:
+            assert all(p == pool for p in self.model.idle.values()), "offer left one idle"
+        self.kept_idle.clear()
+
     @invariant()
     def nobody_waits_while_capacity_is_free(self) -> None:
         m = self.model
         if m.queued:
             assert self.cap.saturated
             for _, pool in m.queued:
-                assert all(p == pool for p in m.idle.values()), "a stealable idle conn exists"
+                for conn, owner in m.idle.items():
+                    assert owner == pool or conn in self.kept_idle, "a stealable idle conn"
 
 
 TestCapacityMachine = CapacityMachine.TestCase

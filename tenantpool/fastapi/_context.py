@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from contextvars import ContextVar
 
@@ -15,6 +16,7 @@ __all__ = [
     "STATE_KEY",
     "RequestTenant",
     "current_request",
+    "end_scope",
     "manager_for",
     "request_var",
     "state_manager",
@@ -24,11 +26,27 @@ __all__ = [
 # ``request.state.tenantpool_manager`` in endpoints.
 STATE_KEY = "tenantpool_manager"
 
+logger = logging.getLogger("tenantpool.fastapi")
+
+
+async def end_scope(opened: _ScopeContext, exc: BaseException | None) -> None:
+    """Exit a scope the middleware holds for a request whose response has gone out."""
+    try:
+        await opened.__aexit__(type(exc) if exc is not None else None, exc, None)
+    except Exception as error:
+        # Only a per-transaction scope's commit can fail here; its client has its answer.
+        logger.error(
+            "tenantpool: the request's transaction did not commit after its response was"
+            " sent: %s: %s",
+            type(error).__name__,
+            error,
+        )
+
 
 class RequestTenant:
     """What ``TenantMiddleware`` found for one request: the tenant id (or none), and where."""
 
-    __slots__ = ("_held", "manager", "resolved", "source", "tenant")
+    __slots__ = ("_held", "eager", "manager", "resolved", "source", "tenant")
 
     def __init__(self, tenant: str | None, source: str, manager: TenantPoolManager | None) -> None:
         self.tenant = tenant
@@ -38,6 +56,8 @@ class RequestTenant:
         self.resolved = False
         # The scope RequestConnection opened, with its connection; the middleware ends it.
         self._held: tuple[_ScopeContext, TenantConnection] | None = None
+        # The scope the middleware opened before the application ran (eager mode).
+        self.eager: _ScopeContext | None = None
 
     async def connection(self, manager: TenantPoolManager) -> TenantConnection:
         """The request's connection, checked out on first use and held until ``release``."""
@@ -48,11 +68,24 @@ class RequestTenant:
             self.resolved = True
         return self._held[1]
 
-    async def release(self) -> None:
-        """End the scope ``connection`` opened; never suspends, so never cut short."""
+    async def release(self, exc: BaseException | None = None) -> None:
+        """End the scope ``connection`` opened, the application having raised ``exc`` (if any).
+
+        Per session it never suspends, so it is never cut short. Per transaction
+        (``state_scope="transaction"``) it commits what ran after the response started (a
+        streaming body, background tasks), or rolls back after ``exc``; the response has gone
+        out by then, so a failed commit is logged, not raised.
+        """
         held, self._held = self._held, None
         if held is not None:
-            await held[0].__aexit__(None, None, None)
+            await end_scope(held[0], exc)
+
+    async def commit_before_response(self) -> None:
+        """Per transaction, commit what the request did so far: its response is about to say
+        it was done. Per session, or with no scope open, nothing happens."""
+        for opened in (self.eager, self._held[0] if self._held is not None else None):
+            if opened is not None:
+                await opened.commit_and_continue()
 
     def require_tenant(self) -> str:
         if self.tenant is None:

@@ -9,9 +9,13 @@ response is sent and after background tasks, so the connection serves a streamin
 hand it to a background task; used later it raises ``ConnectionReleased``. The two are
 alternatives: an endpoint should take one of them.
 
-Releasing never raises and never awaits (the core's scope exit is synchronous), so no
-dependency exit can fail after the response has gone out. The transaction's commit can fail,
-which is why ``TransactionConnection`` ends with the endpoint: the client then learns of it.
+Per session, releasing never raises and never awaits (the core's scope exit is synchronous),
+so no dependency exit can fail after the response has gone out. The transaction's commit can
+fail, which is why ``TransactionConnection`` ends with the endpoint: the client then learns of
+it. Per transaction (``state_scope="transaction"``) the scope is the transaction: its commit
+is ``EndpointConnection``'s exit, before the response, and ``RequestConnection``'s release,
+after it (a failure there is logged); an error out of the application rolls it back. Inside
+it, ``TransactionConnection`` is a savepoint.
 """
 
 from __future__ import annotations

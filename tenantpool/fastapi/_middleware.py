@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import TenantPoolError
 from .._manager import TenantPoolManager
 from .._tenant import validate_tenant_id
-from ._context import RequestTenant, manager_for, request_var, state_manager
+from ._context import RequestTenant, end_scope, manager_for, request_var, state_manager
 from ._errors import error_response, http_exception_response
 from ._sources import RequestFinder, TenantSource, from_header, from_request
 
@@ -81,22 +81,30 @@ class TenantMiddleware:
                 await error_response(exc)(scope, receive, send)
                 return
             found.resolved = True
+            found.eager = opened
             try:
                 await self._serve(found, inner, receive, send)
             finally:
-                # No await happens in a scope's exit: the release completes even when cancelled.
-                await opened.__aexit__(*sys.exc_info())
+                # A scope's exit gives the connection back even when cancelled: it does not
+                # await, or (a per-transaction commit) releases in a finally.
+                await end_scope(opened, sys.exc_info()[1])
         finally:
             request_var.reset(token)
 
     async def _serve(
         self, found: RequestTenant, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        async def send_committed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Per transaction, a response must not report work that then fails to commit.
+                await found.commit_before_response()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_committed)
         finally:
             # After the response and background tasks: the end of RequestConnection's hold.
-            await found.release()
+            await found.release(sys.exc_info()[1])
 
     def __repr__(self) -> str:
         mode = "eager" if self.eager else "lazy"

@@ -7,12 +7,14 @@ metric families whenever Prometheus scrapes. Series (``tenantpool_`` prefix by d
 ``connections{state}``                      gauge      over all pools; states sum to the total
 ``max_connections``                         gauge      ``max_total_connections`` (if any)
 ``waiting``                                 gauge      checkouts queued
+``quota_waiting``                           gauge      checkouts held back by ``max_in_use``
 ``pools``                                   gauge      pools the manager knows
 ``targets_backing_off``                     gauge      pools whose target refuses connections
 ``pool_connections{pool,state}``            gauge      the busiest pools, and ``(other)``
 ``pool_waiting{pool}``                      gauge      the busiest pools, and ``(other)``
 ``checkouts_total``                         counter
 ``timeouts_total``                          counter    ``PoolTimeout`` raised
+``quota_waits_total``                       counter    checkouts that waited for their quota
 ``steals_total``                            counter    idle connections closed for another pool
 ``recycles_total``                          counter    connections closed at ``max_age``
 ``connect_errors_total``                    counter
@@ -126,6 +128,11 @@ class TenantPoolCollector(Collector):
                 value=stats.max_total,
             )
         yield GaugeMetricFamily(f"{ns}_waiting", "Checkouts queued.", value=stats.waiting)
+        yield GaugeMetricFamily(
+            f"{ns}_quota_waiting",
+            "Checkouts waiting because their tenant holds its max_in_use.",
+            value=stats.quota_waiting,
+        )
         yield GaugeMetricFamily(f"{ns}_pools", "Pools the manager knows.", value=len(pools))
         yield GaugeMetricFamily(
             f"{ns}_targets_backing_off",
@@ -135,6 +142,7 @@ class TenantPoolCollector(Collector):
         for name, value, text in (
             ("checkouts", stats.checkouts, "Completed checkouts."),
             ("timeouts", stats.timeouts, "Checkouts that raised PoolTimeout."),
+            ("quota_waits", stats.quota_waits, "Checkouts that waited for their tenant's quota."),
             ("steals", stats.steals, "Idle connections closed to make room for another pool."),
             ("recycles", stats.recycles, "Connections closed for reaching their max_age."),
             ("connect_errors", stats.connect_errors, "Failed connection attempts."),

@@ -1,0 +1,103 @@
+"""The resolver's cache: a tenant's ``Target`` reused for ``resolver_ttl`` seconds.
+
+An unknown tenant is remembered too, for at most ``UNKNOWN_TTL``: a flood of requests for a
+tenant that does not exist costs the registry one lookup a second, and a tenant created
+meanwhile is found soon after. Concurrent lookups of one tenant share a single call of the
+resolver. A resolver that raises is not cached: the next scope asks again. A ``Mapping``
+resolver is read on every scope, since a dict lookup is cheaper than the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from ._errors import UnknownTenant
+from ._settings import Target
+from ._tenant import TenantResolver
+
+__all__ = ["UNKNOWN_TTL", "ResolverCache"]
+
+UNKNOWN_TTL = 1.0
+
+
+class ResolverCache:
+    """Resolved targets by tenant id, with their expiry, and the lookups in flight."""
+
+    __slots__ = ("_clock", "_entries", "_inflight", "_resolver", "_ttl", "_unknown_ttl")
+
+    def __init__(
+        self, resolver: TenantResolver, ttl: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not ttl >= 0:
+            raise ValueError(f"resolver_ttl must be >= 0, got {ttl}")
+        self._resolver = resolver
+        self._ttl = ttl if not resolver.is_mapping else 0.0
+        self._unknown_ttl = min(ttl, UNKNOWN_TTL)
+        self._clock = clock
+        # tenant -> (expires at, its Target or None for unknown)
+        self._entries: dict[str, tuple[float, Target | None]] = {}
+        self._inflight: dict[str, asyncio.Task[Target]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def resolve(self, tenant: str) -> Target:
+        """The ``Target`` of an already validated tenant id, else ``UnknownTenant``."""
+        if not self._ttl:
+            return await self._resolver.resolve(tenant)
+        entry = self._entries.get(tenant)
+        if entry is not None:
+            expires, target = entry
+            if self._clock() < expires:
+                if target is None:
+                    raise UnknownTenant(f"unknown tenant {tenant!r}")
+                return target
+            del self._entries[tenant]
+        task = self._inflight.get(tenant)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(tenant))
+            self._inflight[tenant] = task
+        # Shielded: a caller that gives up must not cancel the lookup others wait on.
+        return await asyncio.shield(task)
+
+    async def _lookup(self, tenant: str) -> Target:
+        me = asyncio.current_task()
+        try:
+            try:
+                target = await self._resolver.resolve(tenant)
+            except UnknownTenant:
+                self._remember(me, tenant, None, self._unknown_ttl)
+                raise
+            self._remember(me, tenant, target, self._ttl)
+            return target
+        finally:
+            if self._inflight.get(tenant) is me:
+                del self._inflight[tenant]
+
+    def _remember(self, lookup: object, tenant: str, target: Target | None, ttl: float) -> None:
+        # Only while still the tenant's current lookup: invalidate() during the call means
+        # its answer may already be stale.
+        if self._inflight.get(tenant) is lookup and ttl > 0:
+            self._entries[tenant] = (self._clock() + ttl, target)
+
+    def cached(self, tenant: str) -> Target | None:
+        """The cached ``Target`` of ``tenant``, expired or not, if there is one."""
+        entry = self._entries.get(tenant)
+        return None if entry is None else entry[1]
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Forget ``tenant`` (every tenant if None), lookups in flight included."""
+        if tenant is None:
+            self._entries.clear()
+            self._inflight.clear()
+        else:
+            self._entries.pop(tenant, None)
+            self._inflight.pop(tenant, None)
+
+    def purge(self, now: float) -> None:
+        """Drop expired entries, so memory follows the tenants seen lately."""
+        expired = [tenant for tenant, (expires, _) in self._entries.items() if expires <= now]
+        for tenant in expired:
+            del self._entries[tenant]
