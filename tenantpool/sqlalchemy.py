@@ -93,6 +93,10 @@ async def _session_on(
             # AsyncSession finishes its close (the rollback of anything uncommitted) even when
             # cancelled meanwhile, so the scope ends after it.
             async with session_class(connection, **session_kwargs) as session:
+                if conn.is_in_transaction():
+                    # Per transaction, or inside the user's own: the session's transactions
+                    # are savepoints in it, which must end before it does.
+                    session.sync_session.info[_NESTED] = True
                 try:
                     yield session
                 finally:
@@ -200,7 +204,8 @@ def _engine_for(manager: TenantPoolManager) -> AsyncEngine:
 
 # -- sessions that refuse to run after their scope -------------------------------------------
 
-_ENDED = "tenantpool_scope_ended"
+_ENDED = "tenantpool_session_ended"
+_NESTED = "tenantpool_session_nested"
 
 
 @functools.cache
@@ -212,8 +217,8 @@ def _guarded(base: type[Session]) -> type[Session]:
             ended = self.info.get(_ENDED)
             if ended is not None:
                 raise ConnectionReleased(
-                    "this SQLAlchemy session was used after the scope of its connection"
-                    f" ended ({ended!r}); open a new tenant_session()"
+                    "this SQLAlchemy session was used after it ended (its connection:"
+                    f" {ended!r}); open a new tenant_session()"
                 )
             return super().get_bind(*args, **kwargs)
 
@@ -330,5 +335,25 @@ else:
         async with _session_on(manager, conn) as session:
             yield session
 
-    TenantSession = Annotated[AsyncSession, Depends(request_session)]
-    """The request tenant's ``AsyncSession``, closed after the response is sent."""
+    async def _endpoint_session(
+        session: Annotated[AsyncSession, Depends(request_session)],
+    ) -> AsyncIterator[AsyncSession]:
+        """``request_session``, ended with the endpoint when it nests in a transaction.
+
+        Per transaction (``state_scope="transaction"``) the middleware commits the request's
+        transaction as the response starts: a session still open then would have its
+        uncommitted savepoint committed with it, and lose the savepoint it means to roll back
+        to. Such a session is closed, its uncommitted work rolled back, when the endpoint
+        returns; any other lasts until after the response.
+        """
+        try:
+            yield session
+        finally:
+            sync = session.sync_session
+            if sync.info.get(_NESTED) and _ENDED not in sync.info:
+                await session.close()
+                sync.info[_ENDED] = "closed with its endpoint"
+
+    TenantSession = Annotated[AsyncSession, Depends(_endpoint_session, scope="function")]
+    """The request tenant's ``AsyncSession``, closed after the response is sent (per
+    transaction, when the endpoint returns: before the request's transaction commits)."""

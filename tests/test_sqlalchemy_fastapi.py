@@ -86,10 +86,11 @@ async def rls_items(pg: PostgresCluster, login: tuple[str, str]) -> Any:
     await pg.drop_schema(schema)
 
 
+@pytest.mark.parametrize("state_scope", ["session", "transaction"])
 async def test_each_request_gets_its_tenants_rows(
-    pg: PostgresCluster, login: tuple[str, str], rls_items: str
+    pg: PostgresCluster, login: tuple[str, str], rls_items: str, state_scope: Any
 ) -> None:
-    one = PoolSettings(max_size=1)
+    one = PoolSettings(max_size=1, state_scope=state_scope)
     manager = TenantPoolManager(shared(pg.dsn(*login), "acme", "globex"), pool=one)
     async with serve(make_app(manager)) as (client, _):
         made = []
@@ -171,3 +172,32 @@ def test_tenant_session_does_not_need_fastapi() -> None:
         timeout=60,
     )
     assert "needs FastAPI: pip install 'tenantpool[fastapi]'" in out.stdout
+
+
+async def test_per_transaction_the_session_ends_with_the_endpoint(
+    pg: PostgresCluster, login: tuple[str, str], rls_items: str
+) -> None:
+    """The request's transaction commits as the response starts: by then the session has rolled
+    back what it did not commit, and is closed."""
+    per_transaction = PoolSettings(max_size=1, state_scope="transaction")
+    manager = TenantPoolManager(shared(pg.dsn(*login), "acme"), pool=per_transaction)
+    app = make_app(manager)
+    kept: list[AsyncSession] = []
+
+    @app.post("/half")
+    async def half(session: TenantSession, conn: RequestConnection) -> dict[str, Any]:
+        session.add(Item(name="committed"))
+        await session.commit()
+        session.add(Item(name="never committed"))
+        await session.flush()
+        kept.append(session)
+        return {"in_transaction": conn.is_in_transaction()}
+
+    async with serve(app) as (client, _):
+        response = await client.post("/half", headers={"X-Tenant-ID": "acme"})
+        assert response.json() == {"in_transaction": True}
+        await drained(manager)
+        with pytest.raises(ConnectionReleased, match="used after it ended"):
+            await kept[0].execute(select(Item))
+    names = await pg.fetch(f"SELECT tenant, name FROM {quote_ident(rls_items)}.items")
+    assert [tuple(r) for r in names] == [("acme", "committed")]
