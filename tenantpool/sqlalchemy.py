@@ -19,8 +19,9 @@ How it fits SQLAlchemy, through its public API only:
   scope sees exactly what it would have seen without SQLAlchemy, and nothing is closed.
 * The session's transactions are SQLAlchemy's own (``session.commit()``, ``session.begin()``);
   whatever is not committed when the block ends is rolled back before the scope ends. Under a
-  scope that is itself one transaction, SQLAlchemy's ``BEGIN`` goes through asyncpg's
-  ``conn.transaction()``, which nests as a savepoint: the session's work is part of the scope's.
+  scope that is itself one transaction (``state_scope="transaction"``), SQLAlchemy's ``BEGIN``
+  goes through asyncpg's ``conn.transaction()``, which nests as a savepoint: the session's work
+  is part of the scope's, and lasts if the scope commits.
 """
 
 from __future__ import annotations
