@@ -10,7 +10,7 @@ login, so row-level security applies), ``BENCH_SA_TABLE``, ``BENCH_SA_TENANTS``
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy import select, text
@@ -84,11 +84,12 @@ def plain_sqlalchemy() -> FastAPI:
     return app
 
 
-def tenantpool_session() -> FastAPI:
+def tenantpool_session(state_scope: Literal["session", "transaction"] = "session") -> FastAPI:
     """tenantpool: the middleware names the tenant, ``TenantSession`` is its session."""
     dsn, tenants, size = _config()
     targets = {t: Target(dsn, settings={"app.tenant_id": t}) for t in tenants}
-    manager = TenantPoolManager(targets, pool=PoolSettings(max_size=size))
+    settings = PoolSettings(max_size=size, state_scope=state_scope)
+    manager = TenantPoolManager(targets, pool=settings)
     app = FastAPI(lifespan=manager_lifespan(manager))
     app.add_middleware(TenantMiddleware)
     install_error_handlers(app)
@@ -98,6 +99,11 @@ def tenantpool_session() -> FastAPI:
         return _as_json(await session.scalars(SELECT_NOTES))
 
     return app
+
+
+def tenantpool_session_per_transaction() -> FastAPI:
+    """The same with every scope one transaction, the tenant set in it as plain SQLAlchemy does."""
+    return tenantpool_session("transaction")
 
 
 def fastapi_tenancy() -> FastAPI:

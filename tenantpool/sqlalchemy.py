@@ -328,33 +328,26 @@ else:
     async def request_session(request: Request) -> AsyncIterator[AsyncSession]:
         """The request tenant's ``AsyncSession``, on the connection ``RequestConnection`` gives.
 
-        Closed after the response is sent: anything not committed by then is rolled back.
+        Closed after the response is sent: anything not committed by then is rolled back. Per
+        transaction (``state_scope="transaction"``) the middleware commits the request's
+        transaction as the response starts; a session still open then would have its
+        uncommitted savepoint committed along, so it is closed (rolled back) just before.
         """
         # RequestConnection's body, inlined: one dependency to solve per request, not three.
+        found = current_request()
         manager = manager_for(request.scope)
-        conn = await current_request().connection(manager)
+        conn = await found.connection(manager)
         async with _session_on(manager, conn) as session:
-            yield session
-
-    async def _endpoint_session(
-        session: Annotated[AsyncSession, Depends(request_session)],
-    ) -> AsyncIterator[AsyncSession]:
-        """``request_session``, ended with the endpoint when it nests in a transaction.
-
-        Per transaction (``state_scope="transaction"``) the middleware commits the request's
-        transaction as the response starts: a session still open then would have its
-        uncommitted savepoint committed with it, and lose the savepoint it means to roll back
-        to. Such a session is closed, its uncommitted work rolled back, when the endpoint
-        returns; any other lasts until after the response.
-        """
-        try:
-            yield session
-        finally:
             sync = session.sync_session
-            if sync.info.get(_NESTED) and _ENDED not in sync.info:
-                await session.close()
-                sync.info[_ENDED] = "closed with its endpoint"
+            if sync.info.get(_NESTED):
 
-    TenantSession = Annotated[AsyncSession, Depends(_endpoint_session, scope="function")]
+                async def end_before_commit() -> None:
+                    await session.close()
+                    sync.info[_ENDED] = "closed as the response started"
+
+                found.before_commit(end_before_commit)
+            yield session
+
+    TenantSession = Annotated[AsyncSession, Depends(request_session)]
     """The request tenant's ``AsyncSession``, closed after the response is sent (per
-    transaction, when the endpoint returns: before the request's transaction commits)."""
+    transaction, as the response starts: before the request's transaction commits)."""
