@@ -12,7 +12,7 @@ import weakref
 import anyio
 import pytest
 from _postgres import PostgresCluster
-from _support import drained, tenant_dsn, until
+from _support import drained, open_together, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 from tenantpool._pool import Pool
@@ -28,24 +28,6 @@ def quiet(**duty: float | None) -> PoolSettings:
         "keepalive_interval": None,
     }
     return PoolSettings(**{**off, **duty})  # type: ignore[arg-type]
-
-
-async def open_together(manager: TenantPoolManager, tenant: str, n: int) -> list[int]:
-    """Check out ``n`` connections of ``tenant`` at once and give them back; their pids."""
-    pids: list[int] = []
-    ready = anyio.Event()
-
-    async def hold() -> None:
-        async with manager.with_connection(tenant) as conn:
-            pids.append(conn.get_server_pid())
-            if len(pids) == n:
-                ready.set()
-            await ready.wait()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(hold)
-    return pids
 
 
 async def alive(pg: PostgresCluster, pids: list[int]) -> set[int]:

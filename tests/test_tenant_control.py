@@ -8,7 +8,7 @@ import asyncio
 import anyio
 import pytest
 from _postgres import PostgresCluster
-from _support import drained, until
+from _support import drained, open_together, until
 
 from tenantpool import (
     PoolSettings,
@@ -225,20 +225,7 @@ async def test_a_quota_wait_times_out_and_a_cancelled_one_leaves_no_place_behind
 
 async def pids(manager: TenantPoolManager, tenant: str, n: int) -> set[int]:
     """The backends of ``n`` scopes of ``tenant`` held at once."""
-    found: set[int] = set()
-    ready = anyio.Event()
-
-    async def hold() -> None:
-        async with manager.with_connection(tenant) as conn:
-            found.add(conn.get_server_pid())
-            if len(found) == n:
-                ready.set()
-            await ready.wait()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(hold)
-    return found
+    return set(await open_together(manager, tenant, n))
 
 
 async def server_pids(pg: PostgresCluster) -> set[int]:
