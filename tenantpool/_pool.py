@@ -42,6 +42,12 @@ Connector = Callable[[], Awaitable[asyncpg.Connection]]
 # a polite pause that does not turn a brief overload into a long outage.
 _TIMEOUT_RETRY_AFTER = 1.0
 
+# While a pool has connections out, at most this many are opened (or queued for at the cap) at
+# once for its waiters: a pool of 5 hit by a burst of short requests ends at about 7, not at
+# max_size (what comes back serves the burst), and one whose load stays keeps growing, two
+# connects at a time. A pool with nothing out opens for every waiter at once.
+_GROWTH_STEP = 2
+
 
 class PooledConnection:
     """An asyncpg connection with the metadata the pool keeps about it."""
@@ -85,20 +91,18 @@ class PooledConnection:
 
 
 class _Waiter:
-    """A checkout waiting for a connection of its pool or for a slot under the cap."""
+    """A checkout waiting for a connection of its pool (or, queued, for a slot under the cap)."""
 
     __slots__ = ("deadline", "future", "pool", "queued", "since", "state", "tenant")
 
     def __init__(self, pool: Pool, state: SessionState, deadline: float, tenant: str) -> None:
         loop = asyncio.get_running_loop()
-        # The result is an idle connection handed over, or the task opening one for it.
-        self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
-            loop.create_future()
-        )
+        # The result is a connection handed over: idle, back from its reset, or just opened.
+        self.future: asyncio.Future[PooledConnection] = loop.create_future()
         self.pool = pool
         self.state = state
         self.tenant = tenant  # waiters are served round robin across tenants
-        self.queued = False  # in the capacity's queue, waiting for a slot
+        self.queued = False  # in the capacity's queue: a slot granted to it opens a connection
         self.since = loop.time()
         self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
 
@@ -110,7 +114,8 @@ def carry_out(
     capacity: SharedCapacity,
     decision: Grant[_Waiter] | Steal[Pool, PooledConnection, _Waiter] | None,
 ) -> None:
-    """Act on a capacity decision: the chosen checkout starts opening, after a steal's close."""
+    """Act on a capacity decision: the chosen checkout's pool opens a connection, after a
+    steal's close; whoever of that pool waits first when it is ready gets it."""
     while decision is not None:
         waiter = decision.request
         if not waiter.future.done():
@@ -119,7 +124,7 @@ def carry_out(
                 victim = decision.conn
                 decision.pool._evict(victim)
                 waiter.pool._counters.steals += 1
-            waiter.pool._start_open(waiter, victim)
+            waiter.pool._granted(waiter, victim)
             return
         # Chosen in the instant between its cancellation and its clean-up: pass it on.
         waiter.pool._forget_waiter(waiter)
@@ -354,26 +359,18 @@ class Pool:
             self._expiry_timer = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
             # The waiter's deadline is enforced by _expire, which fails it with PoolTimeout.
-            granted = await waiter.future
+            return await waiter.future
         except BaseException:
             self._abandon(waiter)
             raise
-        if isinstance(granted, PooledConnection):
-            return granted
-        return await self._claim(granted, deadline)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a wait that ended without its result being used."""
         future = waiter.future
         if future.done() and not future.cancelled() and future.exception() is None:
-            granted = future.result()
-            if isinstance(granted, PooledConnection):
-                self._in_use.discard(granted)
-                self._make_idle(granted)
-            elif granted.done():
-                self._adopt(granted)
-            else:
-                granted.add_done_callback(self._adopt)
+            conn = future.result()
+            self._in_use.discard(conn)
+            self._make_idle(conn)
             return
         future.cancel()
         if waiter in self._waiters:
@@ -429,87 +426,67 @@ class Pool:
             retry_after=retry_after,
         )
 
-    async def _claim(
-        self, task: asyncio.Task[PooledConnection], deadline: float
-    ) -> PooledConnection:
-        try:
-            async with asyncio.timeout_at(deadline):
-                # Shielded: a caller that gives up leaves the connect running, and the pool
-                # keeps what it opens instead of leaking a half-open connection.
-                conn = await asyncio.shield(task)
-        except BaseException as exc:
-            if task.done():
-                self._adopt(task)
-            else:
-                task.add_done_callback(self._adopt)
-            if isinstance(exc, TimeoutError) and not isinstance(exc, TenantPoolError):
-                raise self._timed_out() from None
-            raise
-        self._opening -= 1
-        self._in_use.add(conn)
-        return conn
+    def _granted(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
+        """A slot was granted for ``waiter``: open a connection in it (after closing a stolen
+        ``victim``). The waiter keeps its place; the connection, once open, goes to whoever
+        waits first then, so a checkout never waits out a slow connect while connections
+        of its pool come back."""
+        if waiter.queued:
+            waiter.queued = False
+            self._pending -= 1
+        self._grow(victim)
 
-    def _adopt(self, task: asyncio.Task[PooledConnection]) -> None:
-        """Keep a connection whose opener gave up waiting for it."""
-        if not task.cancelled() and task.exception() is None:
-            self._opening -= 1
-            self._make_idle(task.result())
-
-    def _start_open(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
-        """Hand ``waiter`` a slot: it gets the task opening its connection."""
-        self._forget_waiter(waiter, served=True)
+    def _grow(self, victim: PooledConnection | None = None) -> None:
+        """Open a connection in a slot already taken, and file it as free once open."""
         self._opening += 1
-        task = asyncio.get_running_loop().create_task(self._open(victim))
-        self._track(task)
-        waiter.future.set_result(task)
+        # Admitted now, not when the task runs: while a probe is in flight, later checkouts
+        # are turned away at once instead of each starting an open the backoff then refuses.
+        admission = self._backoff.admit(time.monotonic())
+        self._track(asyncio.get_running_loop().create_task(self._open(victim, admission)))
 
-    async def _open(self, victim: PooledConnection | None = None) -> PooledConnection:
-        """Open a connection in a slot already counted in ``_opening``.
+    async def _open(self, victim: PooledConnection | None, admission: Admission) -> None:
+        """Open a connection in a slot counted in ``_opening``; file it as free once open.
 
-        A stolen ``victim`` is closed first, so the server never sees more than the cap. The
-        connection stays counted in ``_opening`` until its opener claims it.
+        A stolen ``victim`` is closed first, so the server never sees more than the cap. A
+        failure frees the slot; a failed connect fails the pool's waiters (the backoff's).
         """
-        admission: Admission | None = None
         generation = self._generation
+        raw: asyncpg.Connection | None = None
         try:
             if victim is not None:
                 await _close_gracefully(victim.raw, self.settings.connect_timeout)
-            if self._closed:
-                raise ManagerClosed("the manager is closed")
-            admission = self._backoff.admit(time.monotonic())
-            if admission is Admission.REJECT:
-                raise self._unavailable(self._backoff.retry_after(time.monotonic()))
-            raw = await self._connect()
-        except BaseException as exc:
-            self._opening -= 1
-            if admission is Admission.OPEN or admission is Admission.PROBE:
-                if isinstance(exc, Exception):
+            if not self._closed and admission is not Admission.REJECT:
+                try:
+                    raw = await self._connect()
+                except Exception as exc:
                     self._connect_failed(exc)
-                elif admission is Admission.PROBE:
-                    self._backoff.probe_abandoned()
-            self._slot_freed()
-            self._refill_when_allowed()
-            if isinstance(exc, TenantPoolError):
-                raise
-            if self._closed:
-                # close() cancels this task: the caller must see why, not a stray cancellation.
-                raise ManagerClosed("the manager is closed") from None
-            if isinstance(exc, Exception):
-                raise self._unavailable(self._backoff.retry_after(time.monotonic())) from exc
+                    admission = Admission.REJECT  # reported: nothing left to abandon
+                else:
+                    self._backoff.succeeded()
+        except BaseException:
+            self._gave_up(admission)
             raise
-        self._backoff.succeeded()
-        if self._closed:
-            self._opening -= 1
-            raw.terminate()
-            self._slot_freed()
-            raise ManagerClosed("the manager is closed")
+        if raw is None or self._closed:
+            if raw is not None:
+                raw.terminate()
+            self._gave_up(admission)
+            return
         if admission is Admission.PROBE:
             self._cancel_refill_timer()
             # The target is back: the rest of min_size need not wait for the next tick.
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        return PooledConnection(raw, self.settings, self._lifetime_draw(), generation)
+        self._opening -= 1
+        self._make_idle(PooledConnection(raw, self.settings, self._lifetime_draw(), generation))
+
+    def _gave_up(self, admission: Admission) -> None:
+        """An open ended without a connection: its slot goes back."""
+        self._opening -= 1
+        if admission is Admission.PROBE and self._backoff.probing:
+            self._backoff.probe_abandoned()  # cut short before it knew (cancelled, closed)
+        self._slot_freed()
+        self._refill_when_allowed()
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
@@ -725,6 +702,7 @@ class Pool:
             passed = self._capacity.pass_on(conn, self)
             if passed is not None:  # over its fair share at the cap: another tenant's turn
                 carry_out(self._capacity, passed)
+                self._dispatch()  # its waiters counted on this one: they ask for a slot
                 return
             self._dispatch()
             if conn not in self._idle:
@@ -745,6 +723,8 @@ class Pool:
         self._track(task)
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
+        if self._waiters:
+            self._dispatch()  # a waiter may have counted on it coming back
 
     async def _close(self, raw: asyncpg.Connection) -> None:
         try:
@@ -816,29 +796,48 @@ class Pool:
         return order
 
     def _dispatch_once(self) -> None:
+        """Hand idle connections to waiters in their turn; then open for those left over, but
+        only as many as will not be served by what is already coming their way."""
+        while self._idle and self._waiters:
+            for waiter in self._fair_order(len(self._idle)):
+                if waiter.future.done():
+                    self._forget_waiter(waiter)
+                    continue
+                conn = self._take_idle(waiter.state)
+                if conn is None:
+                    break  # the last idle ones were dead
+                self._forget_waiter(waiter, served=True)
+                waiter.future.set_result(conn)
         if not self._waiters:
             return
-        max_size = self.settings.max_size
-        # Past this many, every waiter is either queued at the capacity or has no room.
-        for waiter in self._fair_order(len(self._idle) + max_size + 1):
+        # Coming back from a reset or a ping (a round trip), being opened, or queued for a
+        # slot: each will serve the first waiter left when it is ready, so a checkout waits
+        # for its pool's own connection rather than opening (or, at the cap, stealing another
+        # tenant's warm one at the price of a connect).
+        deficit = len(self._waiters) - len(self._aside) - self._opening - self._pending
+        if self._in_use or self._aside:
+            # Connections are out and come back within a query or two: grow by a step at a
+            # time, so that a burst the pool clears in milliseconds does not leave it at
+            # max_size, every new connection serving whoever is first when it is ready.
+            deficit = min(deficit, _GROWTH_STEP - self._opening - self._pending)
+        room = self.settings.max_size - self.size - self._pending
+        deficit = min(deficit, room)
+        if deficit <= 0:
+            return
+        for waiter in self._fair_order(self._pending + deficit + 1):
+            if deficit <= 0:
+                break
             if waiter.future.done():
                 self._forget_waiter(waiter)
                 continue
-            if self._idle:
-                conn = self._take_idle(waiter.state)
-                if conn is not None:
-                    self._forget_waiter(waiter, served=True)
-                    waiter.future.set_result(conn)
-                    continue
             if waiter.queued:
                 continue
-            if self.size + self._pending >= max_size:
-                break
             retry_after = self._rejecting()
             if retry_after is not None:
                 self._forget_waiter(waiter)
                 waiter.future.set_exception(self._unavailable(retry_after))
                 continue
+            deficit -= 1
             decision = self._capacity.request(waiter, self)
             if decision is None:
                 waiter.queued = True
@@ -929,8 +928,7 @@ class Pool:
             missing = 1
         while missing > 0 and self._capacity.take():
             missing -= 1
-            self._opening += 1
-            self._track(asyncio.get_running_loop().create_task(self._refill_one()))
+            self._grow()
 
     def upkeep_refill(self) -> None:
         """The background task's refill: at a random moment before the next tick.
@@ -987,14 +985,6 @@ class Pool:
         if self._refill_timer is not None:
             self._refill_timer.cancel()
             self._refill_timer = None
-
-    async def _refill_one(self) -> None:
-        try:
-            conn = await self._open()
-        except (TenantPoolError, asyncio.CancelledError):
-            return  # counted and logged by _open; the backoff decides when to try again
-        self._opening -= 1
-        self._make_idle(conn)
 
     def forgettable(self, now: float, after: float) -> bool:
         """Whether the pool holds nothing and has been unused for ``after`` seconds."""

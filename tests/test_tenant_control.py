@@ -182,7 +182,8 @@ async def test_a_tenant_at_its_quota_waits_and_others_pass(pg: PostgresCluster) 
         async with anyio.create_task_group() as tg:
             for _ in range(6):
                 tg.start_soon(noisy)
-            await until(lambda: manager.stats().quota_waiting == 4)
+            # Both places in use: a connection opened meanwhile would serve whoever is first.
+            await until(lambda: manager.stats().quota_waiting == 4 and manager.stats().in_use == 2)
             # The pool has room: another tenant is not held back by noisy's queue.
             with anyio.fail_after(5):
                 async with manager.with_connection("quiet") as conn:
