@@ -32,6 +32,8 @@ SCENARIOS = (
     "cap_cost",
     "transaction_mode",
     "noisy_neighbour",
+    "bursts",
+    "overload",
 )
 HERE = Path(__file__).resolve().parent
 

@@ -13,10 +13,11 @@ import asyncpg
 
 from ._backoff import Backoff
 from ._capacity import Capacity
+from ._deadlines import Deadlines
 from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, PooledConnection, SharedCapacity, carry_out
+from ._pool import Pool, PooledConnection, SharedCapacity, SharedDeadlines, carry_out, time_out
 from ._quota import Quotas
 from ._resolver_cache import ResolverCache
 from ._scope import (
@@ -103,6 +104,7 @@ class TenantPoolManager:
             lambda pool: pool.size > pool.settings.min_size,
             lambda pool: pool.size,
         )
+        self._deadlines: SharedDeadlines = Deadlines(time_out)
         self._counters = Counters()
         self._maintenance = Maintenance(
             reap_interval,
@@ -236,6 +238,7 @@ class TenantPoolManager:
                 self._connector(target.dsn, settings),
                 secrets=_secrets_of(target.dsn, self._connect_kwargs),
                 capacity=self._capacity,
+                deadlines=self._deadlines,
                 counters=self._counters,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
                 lifetime_draw=random.random,

@@ -28,11 +28,12 @@ import asyncpg
 from . import _session
 from ._backoff import Admission, Backoff
 from ._capacity import Capacity, Grant, Steal
+from ._deadlines import Deadlines
 from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavailable
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PooledConnection", "SharedCapacity", "carry_out"]
+__all__ = ["Pool", "PooledConnection", "SharedCapacity", "SharedDeadlines", "carry_out", "time_out"]
 
 logger = logging.getLogger("tenantpool")
 
@@ -93,9 +94,9 @@ class PooledConnection:
 class _Waiter:
     """A checkout waiting for a connection of its pool (or, queued, for a slot under the cap)."""
 
-    __slots__ = ("deadline", "future", "pool", "queued", "since", "state", "tenant")
+    __slots__ = ("future", "pool", "queued", "since", "state", "tenant", "waiting")
 
-    def __init__(self, pool: Pool, state: SessionState, deadline: float, tenant: str) -> None:
+    def __init__(self, pool: Pool, state: SessionState, tenant: str) -> None:
         loop = asyncio.get_running_loop()
         # The result is a connection handed over: idle, back from its reset, or just opened.
         self.future: asyncio.Future[PooledConnection] = loop.create_future()
@@ -104,10 +105,16 @@ class _Waiter:
         self.tenant = tenant  # waiters are served round robin across tenants
         self.queued = False  # in the capacity's queue: a slot granted to it opens a connection
         self.since = loop.time()
-        self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
+        self.waiting = True  # until served, failed or cancelled (the pool forgets it)
 
 
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
+SharedDeadlines = Deadlines[_Waiter]
+
+
+def time_out(waiter: _Waiter) -> None:
+    """A queued checkout reached its deadline (``SharedDeadlines`` calls this)."""
+    waiter.pool._time_out(waiter)
 
 
 def carry_out(
@@ -148,10 +155,10 @@ class Pool:
         "_closing",
         "_connect",
         "_counters",
+        "_deadlines",
         "_dispatch_again",
         "_dispatching",
         "_drained",
-        "_expiry_timer",
         "_generation",
         "_idle",
         "_idle_by_state",
@@ -183,6 +190,7 @@ class Pool:
         *,
         secrets: tuple[str, ...],
         capacity: SharedCapacity,
+        deadlines: SharedDeadlines,
         counters: Counters,
         backoff: Backoff,
         lifetime_draw: Callable[[], float],
@@ -227,9 +235,8 @@ class Pool:
         self._drained: asyncio.Event | None = None  # made by close(), to wait on
         # A refill put off: while the backoff holds the next attempt back, or spread out.
         self._refill_timer: asyncio.TimerHandle | None = None
-        # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
-        # there only while someone waits (_forget_waiter cancels it with the last one).
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        # When waiters give up: the manager's, shared by its pools (one timer in all).
+        self._deadlines = deadlines
         self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
@@ -348,17 +355,13 @@ class Pool:
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state, deadline, tenant)
+        waiter = _Waiter(self, state, tenant)
         self._waiters[waiter] = None
         self._turns.setdefault(tenant, {})[waiter] = None
+        self._deadlines.add(deadline, waiter)
         self._dispatch()
-        timer = self._expiry_timer
-        if not waiter.future.done() and (timer is None or timer.when() > deadline):
-            if timer is not None:
-                timer.cancel()
-            self._expiry_timer = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
-            # The waiter's deadline is enforced by _expire, which fails it with PoolTimeout.
+            # Its deadline is kept by the manager's Deadlines, which fails it with PoolTimeout.
             return await waiter.future
         except BaseException:
             self._abandon(waiter)
@@ -373,35 +376,15 @@ class Pool:
             self._make_idle(conn)
             return
         future.cancel()
-        if waiter in self._waiters:
+        if waiter.waiting:
             self._forget_waiter(waiter)
             self._dispatch()
 
-    def _expire(self) -> None:
-        """Fail the waiters whose deadline has passed; re-arm for the earliest one left.
-
-        Waiters of a pool share one ``acquire_timeout``, so deadlines mostly follow arrival
-        order and the timer fires about once per timeout, whatever the checkout rate.
-        """
-        self._expiry_timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        earliest: float | None = None
-        expired = False
-        for waiter in list(self._waiters):
-            if waiter.future.done():
-                continue
-            if waiter.deadline <= now:
-                self._forget_waiter(waiter)
-                waiter.future.set_exception(self._timed_out())
-                expired = True
-            elif earliest is None or waiter.deadline < earliest:
-                earliest = waiter.deadline
-        if earliest is not None and not self._closed:
-            self._expiry_timer = loop.call_at(earliest, self._expire)
-        if expired:
-            # A waiter gone from the capacity's queue can let one behind it proceed.
-            self._dispatch()
+    def _time_out(self, waiter: _Waiter) -> None:
+        self._forget_waiter(waiter)
+        waiter.future.set_exception(self._timed_out())
+        # A waiter gone from the capacity's queue can let one behind it proceed.
+        self._dispatch()
 
     def _timed_out(self) -> PoolTimeout:
         self._counters.timeouts += 1
@@ -741,8 +724,10 @@ class Pool:
             self._drained.set()
 
     def _forget_waiter(self, waiter: _Waiter, *, served: bool = False) -> None:
-        if waiter in self._waiters:
+        if waiter.waiting:
+            waiter.waiting = False
             del self._waiters[waiter]
+            self._deadlines.left()
             tenant = waiter.tenant
             turn = self._turns[tenant]
             del turn[waiter]
@@ -750,11 +735,6 @@ class Pool:
                 del self._turns[tenant]
             elif served:
                 self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
-            if not self._waiters and self._expiry_timer is not None:
-                # Nobody left to time out; a pending timer would also keep a forgotten pool
-                # alive until it fired.
-                self._expiry_timer.cancel()
-                self._expiry_timer = None
         if waiter.queued:
             waiter.queued = False
             self._pending -= 1
@@ -1018,7 +998,6 @@ class Pool:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
         self._cancel_refill_timer()
-        # Forgetting the last waiter also cancels the expiry timer.
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
