@@ -67,10 +67,12 @@ def run(ctx: Context) -> Report:
                 max(own_lags) <= 0.05,
                 f"{max(own_lags) * 1e3:.0f} ms; with collections {max(lags) * 1e3:.0f} ms",
             ),
+            Goal(f"health() with {POOLS:,} pools < 1 ms", health_ms < 1, f"{health_ms:.3f} ms"),
             Goal(
-                f"stats() and health() with {POOLS:,} pools < 1 ms",
-                stats_ms < 1 and health_ms < 1,
-                f"{stats_ms:.2f} ms, {health_ms:.2f} ms",
+                f"stats() totals with {POOLS:,} pools < 1 ms",
+                stats_ms < 1,
+                f"{stats_ms:.2f} ms: the totals are running figures, but stats() still returns"
+                " every pool's snapshot with them, which is a pass over the pools",
             ),
         ],
         data={

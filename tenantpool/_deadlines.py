@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -20,6 +21,7 @@ __all__ = ["Deadlines"]
 
 class _Waiting(Protocol):
     waiting: bool  # still queued: not served, failed or cancelled
+    since: float  # loop time it began waiting
 
 
 W = TypeVar("W", bound=_Waiting)
@@ -28,12 +30,13 @@ W = TypeVar("W", bound=_Waiting)
 class Deadlines(Generic[W]):
     """Calls ``expired(w)`` for each waiter ``w`` still waiting at its deadline (loop time)."""
 
-    __slots__ = ("_batch", "_expired", "_heap", "_live", "_numbers", "_timer")
+    __slots__ = ("_arrivals", "_batch", "_expired", "_heap", "_live", "_numbers", "_timer")
 
     def __init__(self, expired: Callable[[W], None], batch: int = 256) -> None:
         self._expired = expired
         self._batch = batch
         self._heap: list[tuple[float, int, W]] = []
+        self._arrivals: deque[W] = deque()  # in arrival order, for the oldest wait
         self._numbers = itertools.count()  # equal deadlines: first come first
         self._live = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -43,6 +46,7 @@ class Deadlines(Generic[W]):
 
     def add(self, deadline: float, waiter: W) -> None:
         heapq.heappush(self._heap, (deadline, next(self._numbers), waiter))
+        self._arrivals.append(waiter)
         self._live += 1
         timer = self._timer
         if timer is None or timer.when() > deadline:
@@ -58,12 +62,21 @@ class Deadlines(Generic[W]):
             # Nobody left to time out; a pending timer would also keep the pools it names
             # alive until it fired.
             heap.clear()
+            self._arrivals.clear()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
         elif len(heap) > 2 * self._live + 64:
             heap[:] = [entry for entry in heap if entry[2].waiting]
             heapq.heapify(heap)
+            self._arrivals = deque(w for w in self._arrivals if w.waiting)
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the longest-waiting checkout has waited (loop time), 0.0 if none."""
+        arrivals = self._arrivals
+        while arrivals and not arrivals[0].waiting:
+            arrivals.popleft()
+        return now - arrivals[0].since if arrivals else 0.0
 
     def _fire(self) -> None:
         self._timer = None

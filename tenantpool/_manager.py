@@ -38,7 +38,7 @@ from ._settings import (
     redact_dsn,
     server_address,
 )
-from ._stats import Counters, ManagerStats
+from ._stats import Counters, ManagerStats, Totals
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
 __all__ = ["TenantPoolManager"]
@@ -274,6 +274,7 @@ class TenantPoolManager:
             if pool.forgettable(now, self.forget_after):
                 del self._pools[key]
                 self._pool_names.discard(pool.name)
+                self._counters.failing.pop(pool.name, None)
 
     def _lend_kept(self, now: float) -> None:
         """Idle connections a pool within its fair share kept from busier pools go to whoever
@@ -328,45 +329,61 @@ class TenantPoolManager:
     # -- observability -----------------------------------------------------------------------
 
     def stats(self) -> ManagerStats:
-        """Counts over every pool: total, in use, idle, waiting, per pool by name, counters."""
-        per_pool = {pool.name: pool.stats() for pool in self._pools.values()}
+        """Counts over every pool: total, in use, idle, waiting, per pool by name, counters.
+
+        The totals are running figures; only the per-pool snapshot passes over the pools.
+        """
         counters = self._counters
+        totals = self._totals()
         return ManagerStats(
-            total=sum(s.size for s in per_pool.values()),
-            in_use=sum(s.in_use for s in per_pool.values()),
-            idle=sum(s.idle for s in per_pool.values()),
-            waiting=sum(s.waiting for s in per_pool.values()),
-            max_total=self.max_total_connections,
-            pools=MappingProxyType(per_pool),
+            total=totals.total,
+            in_use=totals.in_use,
+            idle=totals.idle,
+            waiting=totals.waiting,
+            max_total=totals.max_total,
+            pools=MappingProxyType({pool.name: pool.stats() for pool in self._pools.values()}),
             checkouts=counters.checkouts,
             timeouts=counters.timeouts + self._quotas.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,
-            backing_off=sum(s.backing_off for s in per_pool.values()),
+            backing_off=len(counters.failing),
             wait_time=counters.wait_times(),
             quota_waiting=self._quotas.waiting,
             quota_waits=self._quotas.waits,
+        )
+
+    def _totals(self) -> Totals:
+        counters = self._counters
+        return Totals(
+            targets=len(self._pools),
+            # Every connection of every pool holds a slot of the capacity, and only they do.
+            total=self._capacity.total,
+            in_use=counters.in_use,
+            idle=counters.idle,
+            waiting=counters.waiting,
+            max_total=self.max_total_connections,
         )
 
     async def health(self) -> HealthReport:
         """``ok``, ``degraded`` or ``failing``, with the figures behind the verdict."""
         loop_now = asyncio.get_running_loop().time()
         return assess(
-            self.stats(),
+            self._totals(),
             closed=self._closed,
             background_task=self._maintenance.state,
-            longest_wait=max((p.oldest_wait(loop_now) for p in self._pools.values()), default=0.0),
+            longest_wait=self._deadlines.oldest_wait(loop_now),
             saturated_for=self._watch_saturation(time.monotonic()),
+            backing_off=tuple(self._counters.failing),
         )
 
     def __repr__(self) -> str:
-        s = self.stats()
+        s = self._totals()
         state = "closed" if self._closed else "open" if self._started else "not started"
         cap = "none" if s.max_total is None else str(s.max_total)
         return (
             f"<TenantPoolManager {state} | Requests: {s.in_use} active, {s.waiting} queued"
-            f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {len(s.pools)} pools>"
+            f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {s.targets} pools>"
         )
 
 

@@ -254,12 +254,6 @@ class Pool:
     def backing_off(self) -> bool:
         return self._backoff.backing_off
 
-    def oldest_wait(self, now: float) -> float:
-        """Seconds the oldest queued checkout has waited (loop time), 0.0 if none."""
-        for waiter in self._waiters:
-            return now - waiter.since
-        return 0.0
-
     def stats(self) -> PoolStats:
         return PoolStats(
             name=self.name,
@@ -357,6 +351,7 @@ class Pool:
             raise self._unavailable(retry_after)
         waiter = _Waiter(self, state, tenant)
         self._waiters[waiter] = None
+        self._counters.waiting += 1
         self._turns.setdefault(tenant, {})[waiter] = None
         self._deadlines.add(deadline, waiter)
         self._dispatch()
@@ -372,7 +367,7 @@ class Pool:
         future = waiter.future
         if future.done() and not future.cancelled() and future.exception() is None:
             conn = future.result()
-            self._in_use.discard(conn)
+            self._give_back(conn)
             self._make_idle(conn)
             return
         future.cancel()
@@ -446,6 +441,7 @@ class Pool:
                     admission = Admission.REJECT  # reported: nothing left to abandon
                 else:
                     self._backoff.succeeded()
+                    self._counters.failing.pop(self.name, None)
         except BaseException:
             self._gave_up(admission)
             raise
@@ -476,6 +472,7 @@ class Pool:
         self._last_error = f"{type(exc).__name__}: {self._scrub(exc)}"
         failures = self._backoff.failures
         delay = self._backoff.failed(time.monotonic())
+        self._counters.failing[self.name] = None
         if self._backoff.failures != failures:
             logger.warning(
                 "tenantpool: cannot connect to %s (%s); attempt %d, next in %.2f s",
@@ -501,12 +498,14 @@ class Pool:
             else:
                 conn = self._idle.popitem()[0]
                 self._unindex(conn)
+            self._counters.idle -= 1
             self._capacity.not_idle(conn)
             if conn.raw.is_closed():
                 logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
                 self._discard(conn)
                 continue
             self._in_use.add(conn)
+            self._counters.in_use += 1
             self.last_used = time.monotonic()
             return conn
         return None
@@ -522,6 +521,7 @@ class Pool:
     def _evict(self, conn: PooledConnection) -> None:
         """Take an idle connection out of the pool (the capacity has already forgotten it)."""
         del self._idle[conn]
+        self._counters.idle -= 1
         self._unindex(conn)
 
     def _remove_idle(self, conn: PooledConnection) -> None:
@@ -530,13 +530,18 @@ class Pool:
 
     # -- release -----------------------------------------------------------------------------
 
+    def _give_back(self, conn: PooledConnection) -> None:
+        if conn in self._in_use:
+            self._in_use.remove(conn)
+            self._counters.in_use -= 1
+
     def release(self, conn: PooledConnection, *, dirty: bool) -> None:
         """Give a connection back; synchronous so that no cancellation can interrupt it.
 
         ``dirty`` says user code may have touched the session: it is then reset in the
         background and is not handed to anyone until that is done.
         """
-        self._in_use.discard(conn)
+        self._give_back(conn)
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
@@ -680,6 +685,7 @@ class Pool:
             self._discard(conn)
             return
         self._idle[conn] = None
+        self._counters.idle += 1
         self._idle_by_state.setdefault(conn.applied, {})[conn] = None
         if self._waiters:
             passed = self._capacity.pass_on(conn, self)
@@ -727,6 +733,7 @@ class Pool:
         if waiter.waiting:
             waiter.waiting = False
             del self._waiters[waiter]
+            self._counters.waiting -= 1
             self._deadlines.left()
             tenant = waiter.tenant
             turn = self._turns[tenant]
