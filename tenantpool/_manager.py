@@ -39,6 +39,7 @@ from ._settings import (
     server_address,
 )
 from ._stats import Counters, ManagerStats, Totals
+from ._supervisor import Supervisor
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
 __all__ = ["TenantPoolManager"]
@@ -85,7 +86,11 @@ class TenantPoolManager:
             raise ValueError("reconnect_delay_max must be >= reconnect_delay")
         if default_tenant is not None:
             validate_tenant_id(default_tenant)
-        self._resolver = ResolverCache(TenantResolver(resolver), resolver_ttl)
+        # Every task the manager starts, so that close() leaves none running.
+        self._supervisor = Supervisor()
+        self._resolver = ResolverCache(
+            TenantResolver(resolver), resolver_ttl, spawn=self._supervisor.spawn
+        )
         self._quotas = Quotas()
         self.max_total_connections = max_total_connections
         self.pool_settings = pool if pool is not None else PoolSettings()
@@ -114,6 +119,7 @@ class TenantPoolManager:
                 ("saturation", self._watch_saturation),
                 ("fair share", self._lend_kept),
             ),
+            spawn=self._supervisor.spawn,
         )
         self._saturated_since: float | None = None
         self._started = False
@@ -133,7 +139,9 @@ class TenantPoolManager:
         """Close every pool; checkouts raise ``ManagerClosed`` from now on.
 
         Connections still checked out get ``close_timeout`` seconds to come back, then are
-        terminated, so ``close()`` never hangs on a scope that does not end.
+        terminated, so ``close()`` never hangs on a scope that does not end. No task of the
+        manager runs once it returns, and no pool is created after it began: a checkout still
+        inside the resolver then raises ``ManagerClosed``.
         """
         self._closed = True
         await self._maintenance.stop()
@@ -143,6 +151,8 @@ class TenantPoolManager:
         for pool in pools:
             pool.begin_close()
         await asyncio.gather(*(pool.close(self.close_timeout) for pool in pools))
+        # Lookups still in flight, and whatever the closes started: nobody needs them now.
+        await self._supervisor.stop()
 
     async def __aenter__(self) -> TenantPoolManager:
         await self.start()
@@ -240,6 +250,7 @@ class TenantPoolManager:
                 capacity=self._capacity,
                 deadlines=self._deadlines,
                 counters=self._counters,
+                spawn=self._supervisor.spawn,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
                 lifetime_draw=random.random,
                 server=server_address(target.dsn),
@@ -436,7 +447,15 @@ class _ScopeContext:
         if scope is None:
             assert tenant is not None  # set whenever no scope was found
             manager._check_open()
-            target = await manager._resolver.resolve(tenant)
+            try:
+                target = await manager._resolver.resolve(tenant)
+            except asyncio.CancelledError:
+                if manager._closed and not task.cancelling():
+                    # close() ended the lookup this checkout shared, not its caller.
+                    raise ManagerClosed("the manager is closed") from None
+                raise
+            # close() may have run meanwhile: it must not be followed by a new pool.
+            manager._check_open()
             pool = manager._pool_for(target)
             limit = target.max_in_use
             if limit is None:

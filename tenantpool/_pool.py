@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = ["Pool", "PooledConnection", "SharedCapacity", "SharedDeadlines", "car
 logger = logging.getLogger("tenantpool")
 
 Connector = Callable[[], Awaitable[asyncpg.Connection]]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 # A queued checkout that times out learns nothing about when capacity frees up; one second is
 # a polite pause that does not turn a brief overload into a long outage.
@@ -171,6 +172,7 @@ class Pool:
         "_refill_spread",
         "_refill_timer",
         "_secrets",
+        "_spawn",
         "_tasks",
         "_turns",
         "_waiters",
@@ -192,6 +194,7 @@ class Pool:
         capacity: SharedCapacity,
         deadlines: SharedDeadlines,
         counters: Counters,
+        spawn: Spawn,
         backoff: Backoff,
         lifetime_draw: Callable[[], float],
         server: str = "",
@@ -237,6 +240,7 @@ class Pool:
         self._refill_timer: asyncio.TimerHandle | None = None
         # When waiters give up: the manager's, shared by its pools (one timer in all).
         self._deadlines = deadlines
+        self._spawn = spawn  # the manager's supervisor starts (and close() awaits) its tasks
         self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
@@ -420,7 +424,7 @@ class Pool:
         # Admitted now, not when the task runs: while a probe is in flight, later checkouts
         # are turned away at once instead of each starting an open the backoff then refuses.
         admission = self._backoff.admit(time.monotonic())
-        self._track(asyncio.get_running_loop().create_task(self._open(victim, admission)))
+        self._track(self._spawn(self._open(victim, admission)))
 
     async def _open(self, victim: PooledConnection | None, admission: Admission) -> None:
         """Open a connection in a slot counted in ``_opening``; file it as free once open.
@@ -653,7 +657,7 @@ class Pool:
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
         self._aside[conn] = time.monotonic()
-        self._track(asyncio.get_running_loop().create_task(self._tend(conn, work)))
+        self._track(self._spawn(self._tend(conn, work)))
 
     async def _tend(
         self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
@@ -708,7 +712,7 @@ class Pool:
             self._slot_freed()
             return
         self._closing += 1
-        task = asyncio.get_running_loop().create_task(self._close(conn.raw))
+        task = self._spawn(self._close(conn.raw))
         self._track(task)
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
@@ -1032,10 +1036,13 @@ class Pool:
         # Polite closes get their own budget; opens are cut short.
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        # Work cut short may start more (a reset that fails closes its connection): again
+        # until none is left.
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
 
 
 async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> None:
