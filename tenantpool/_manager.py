@@ -17,7 +17,15 @@ from ._deadlines import Deadlines
 from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, PooledConnection, SharedCapacity, SharedDeadlines, carry_out, time_out
+from ._pool import (
+    InitFailed,
+    Pool,
+    PooledConnection,
+    SharedCapacity,
+    SharedDeadlines,
+    carry_out,
+    time_out,
+)
 from ._quota import Quotas
 from ._resolver_cache import ResolverCache
 from ._scope import (
@@ -323,16 +331,27 @@ class TenantPoolManager:
             kwargs = {"statement_cache_size": 0, **kwargs}
 
         async def connect() -> asyncpg.Connection:
-            raw: asyncpg.Connection = await asyncpg.connect(
-                dsn, timeout=settings.connect_timeout, **kwargs
-            )
-            if self._init is not None:
-                try:
+            # Connect and init share one deadline: a stalled init must not hold its slot.
+            budget = settings.connect_timeout
+            deadline = asyncio.get_running_loop().time() + budget
+            raw: asyncpg.Connection = await asyncpg.connect(dsn, timeout=budget, **kwargs)
+            if self._init is None:
+                return raw
+            try:
+                async with asyncio.timeout_at(deadline):
                     await self._init(raw)
-                    await adopt_init_session(raw, budget=settings.connect_timeout)
-                except BaseException:
-                    raw.terminate()
-                    raise
+                    left = deadline - asyncio.get_running_loop().time()
+                    await adopt_init_session(raw, budget=max(left, 0.001))
+            except BaseException as exc:
+                lost = raw.is_closed()  # the server went away under init: an outage
+                raw.terminate()
+                if isinstance(exc, TimeoutError) and not lost:
+                    raise InitFailed(
+                        TimeoutError(f"init did not finish within connect_timeout ({budget} s)")
+                    ) from exc
+                if isinstance(exc, Exception) and not lost:
+                    raise InitFailed(exc) from exc
+                raise
             return raw
 
         return connect

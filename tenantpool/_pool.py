@@ -33,7 +33,15 @@ from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavaila
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PooledConnection", "SharedCapacity", "SharedDeadlines", "carry_out", "time_out"]
+__all__ = [
+    "InitFailed",
+    "Pool",
+    "PooledConnection",
+    "SharedCapacity",
+    "SharedDeadlines",
+    "carry_out",
+    "time_out",
+]
 
 logger = logging.getLogger("tenantpool")
 
@@ -49,6 +57,15 @@ _TIMEOUT_RETRY_AFTER = 1.0
 # max_size (what comes back serves the burst), and one whose load stays keeps growing, two
 # connects at a time. A pool with nothing out opens for every waiter at once.
 _GROWTH_STEP = 2
+
+
+class InitFailed(Exception):
+    """The manager's ``init`` raised (or ran past ``connect_timeout``) on a new connection:
+    a fault of the application's callback, not of the server, so no backoff follows."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 class PooledConnection:
@@ -168,6 +185,7 @@ class Pool:
         "_lifetime_draw",
         "_on_back",
         "_opening",
+        "_opens",
         "_pending",
         "_refill_spread",
         "_refill_timer",
@@ -220,6 +238,8 @@ class Pool:
         self._idle_by_state: dict[SessionState, dict[PooledConnection, None]] = {}
         self._in_use: set[PooledConnection] = set()
         self._opening = 0
+        # Opens in flight, with when they began (for the watchdog).
+        self._opens: dict[asyncio.Task[None], float] = {}
         # Connections being reset or pinged, with when that began (for the watchdog).
         self._aside: dict[PooledConnection, float] = {}
         self._closing = 0
@@ -424,7 +444,10 @@ class Pool:
         # Admitted now, not when the task runs: while a probe is in flight, later checkouts
         # are turned away at once instead of each starting an open the backoff then refuses.
         admission = self._backoff.admit(time.monotonic())
-        self._track(self._spawn(self._open(victim, admission)))
+        task = self._spawn(self._open(victim, admission))
+        self._track(task)
+        self._opens[task] = time.monotonic()
+        task.add_done_callback(self._opens.pop)
 
     async def _open(self, victim: PooledConnection | None, admission: Admission) -> None:
         """Open a connection in a slot counted in ``_opening``; file it as free once open.
@@ -440,6 +463,11 @@ class Pool:
             if not self._closed and admission is not Admission.REJECT:
                 try:
                     raw = await self._connect()
+                except InitFailed as exc:
+                    # The server answered: whatever the backoff was waiting for, it is back.
+                    self._backoff.succeeded()
+                    self._counters.failing.pop(self.name, None)
+                    self._init_failed(exc.cause)
                 except Exception as exc:
                     self._connect_failed(exc)
                     admission = Admission.REJECT  # reported: nothing left to abandon
@@ -470,6 +498,20 @@ class Pool:
             self._backoff.probe_abandoned()  # cut short before it knew (cancelled, closed)
         self._slot_freed()
         self._refill_when_allowed()
+
+    def _init_failed(self, cause: Exception) -> None:
+        """Report an ``init`` failure to the checkout whose turn it is (the others' turns
+        open again): a bug in a callback is an error to show, not an outage to wait out."""
+        text = self._scrub(cause) or "no message"
+        error = TenantPoolError(
+            f"the init callback failed on a new connection of {self.name}:"
+            f" {type(cause).__name__}: {text}"
+        )
+        logger.error("tenantpool: %s", error)
+        for waiter in self._fair_order(1):
+            self._forget_waiter(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
@@ -852,7 +894,12 @@ class Pool:
     def needs_upkeep(self) -> bool:
         """Whether any duty has something to do: they look at idle and set-aside connections,
         but refill. Lets a sweep over many thousands of empty pools stay cheap."""
-        return bool(self._idle) or bool(self._aside) or self.size < self.settings.min_size
+        return (
+            bool(self._idle)
+            or bool(self._aside)
+            or bool(self._opens)
+            or self.size < self.settings.min_size
+        )
 
     def reap(self, now: float) -> None:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
@@ -887,12 +934,24 @@ class Pool:
                 self._set_aside(conn, self._ping)
 
     def watchdog(self, now: float) -> None:
-        """Terminate connections whose reset or ping has run past ``connect_timeout``.
+        """Terminate connections whose reset or ping has run past ``connect_timeout``, and
+        cancel opens past their budget.
 
         A server that stops answering must not keep them set aside forever; terminated, the
-        work fails and the connection is discarded, which frees its slot.
+        work fails and the connection is discarded, which frees its slot. An open is bounded
+        by its own deadline (connect and init share ``connect_timeout``, a stolen connection's
+        close has as much): one still running past both, say in an ``init`` that ignores
+        cancellation, is cancelled again, and its slot comes back when it ends.
         """
         limit = self.settings.connect_timeout
+        for task, began in list(self._opens.items()):
+            if now - began > 2 * limit:
+                logger.warning(
+                    "tenantpool: cancelling an open of %s: it took over %.1f s",
+                    self.name,
+                    2 * limit,
+                )
+                task.cancel()
         for conn, since in list(self._aside.items()):
             if now - since > limit and not conn.raw.is_closed():
                 logger.warning(
