@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import Any
@@ -75,6 +76,7 @@ class PooledConnection:
         "applied",
         "close_on_release",
         "created_at",
+        "cut_off",
         "expires_at",
         "generation",
         "guard_ready",
@@ -105,6 +107,7 @@ class PooledConnection:
         # The session state the connection carries; None when unknown (it must be reset).
         self.applied: SessionState | None = ()
         self.close_on_release = False
+        self.cut_off = False  # terminated by the watchdog: its slot is held a while
         self.guard_ready = False  # the reset's prepared-statement guard is prepared on it
         self.next_state: SessionState | None = None  # for the reset: whom to prepare it for
 
@@ -178,6 +181,7 @@ class Pool:
         "_dispatching",
         "_drained",
         "_generation",
+        "_held",
         "_idle",
         "_idle_by_state",
         "_in_use",
@@ -243,6 +247,8 @@ class Pool:
         # Connections being reset or pinged, with when that began (for the watchdog).
         self._aside: dict[PooledConnection, float] = {}
         self._closing = 0
+        # Slots of connections cut off, held until these timers fire (see _hold_slot).
+        self._held: deque[asyncio.TimerHandle] = deque()
         # Checkouts in arrival order; a dict so that any of them leaves in O(1).
         self._waiters: dict[_Waiter, None] = {}
         # The same waiters by tenant, tenants in the order their turn comes: one served goes
@@ -458,8 +464,11 @@ class Pool:
         generation = self._generation
         raw: asyncpg.Connection | None = None
         try:
-            if victim is not None:
-                await _close_gracefully(victim.raw, self.settings.connect_timeout)
+            if victim is not None and not await _close_gracefully(
+                victim.raw, self.settings.connect_timeout
+            ):
+                # Cut off: its backend may outlive it a while (see _hold_slot).
+                await asyncio.sleep(self.settings.connect_timeout)
             if not self._closed and admission is not Admission.REJECT:
                 try:
                     raw = await self._connect()
@@ -751,7 +760,11 @@ class Pool:
         server never sees more connections than the cap.
         """
         if conn.raw.is_closed():
-            self._slot_freed()
+            if conn.cut_off:
+                self._closing += 1
+                self._hold_slot()
+            else:
+                self._slot_freed()
             return
         self._closing += 1
         task = self._spawn(self._close(conn.raw))
@@ -762,11 +775,32 @@ class Pool:
             self._dispatch()  # a waiter may have counted on it coming back
 
     async def _close(self, raw: asyncpg.Connection) -> None:
+        polite = False
         try:
-            await _close_gracefully(raw, self.settings.connect_timeout)
+            polite = await _close_gracefully(raw, self.settings.connect_timeout)
         finally:
+            if polite:
+                self._closing -= 1
+                self._slot_freed()
+            else:
+                self._hold_slot()
+
+    def _hold_slot(self) -> None:
+        """Keep the slot of a connection cut off (terminated, not closed politely), counted
+        in ``_closing``, for ``connect_timeout``: its backend may live on until it notices
+        (a query still running, a server slow to answer), and the server must never see more
+        connections than the cap. Bounded, since tenantpool cannot watch the backend go."""
+        if self._closed:
             self._closing -= 1
             self._slot_freed()
+            return
+        loop = asyncio.get_running_loop()
+        self._held.append(loop.call_later(self.settings.connect_timeout, self._slot_released))
+
+    def _slot_released(self) -> None:
+        self._held.popleft().cancel()  # timers of one delay fire in order: this one
+        self._closing -= 1
+        self._slot_freed()
 
     def _slot_freed(self) -> None:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
@@ -954,6 +988,7 @@ class Pool:
                 task.cancel()
         for conn, since in list(self._aside.items()):
             if now - since > limit and not conn.raw.is_closed():
+                conn.cut_off = True
                 logger.warning(
                     "tenantpool: terminating a connection of %s: its reset or ping took over"
                     " %.1f s",
@@ -1068,6 +1103,8 @@ class Pool:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
         self._cancel_refill_timer()
+        while self._held:  # nobody will open in those slots any more
+            self._slot_released()
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
@@ -1104,11 +1141,17 @@ class Pool:
             await asyncio.wait(tasks)
 
 
-async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> None:
-    """Close ``raw`` politely (the server ends the backend), forcibly if that fails."""
+async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> bool:
+    """Close ``raw`` politely (the server ends the backend), forcibly if that fails.
+
+    Whether the server saw it through; if not, its backend may live on a while.
+    """
+    polite = False
     try:
         with contextlib.suppress(Exception):
             await raw.close(timeout=budget)
+            polite = True
     finally:
         if not raw.is_closed():
             raw.terminate()
+    return polite
