@@ -1,4 +1,7 @@
-"""``python -m benchmarks [--quick] [--only NAME ...] [--rounds N] [--out DIR]``
+"""``python -m benchmarks [--quick] [--only NAME ...] [--rounds N] [--out DIR] [--no-plots]``
+
+Needs the bench extra (``pip install -e ".[dev,bench]"``: psycopg and psycopg-pool for the peers
+measured against, matplotlib for the plots); it says what is missing before it starts.
 
 Starts a throwaway PostgreSQL cluster (the test suite's harness), runs every scenario with its
 contenders interleaved round by round, prints markdown tables of medians and ratios, and writes
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +39,14 @@ SCENARIOS = (
     "bursts",
     "overload",
 )
+# What the bench extra (pip install -e ".[bench]") brings, by who needs it; the rest of the
+# runner needs only what the test suite has.
+NEEDS = {
+    "checkout": ("psycopg", "psycopg_pool"),
+    "throughput": ("psycopg", "psycopg_pool"),
+    "many_tenants": ("psycopg",),
+    "plots": ("matplotlib",),
+}
 HERE = Path(__file__).resolve().parent
 
 
@@ -88,18 +100,40 @@ def plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
+def missing(names: list[str], plots: bool) -> str | None:
+    """What the chosen run lacks of the bench extra, said as an error; None if nothing."""
+    wanted = {n: NEEDS.get(n, ()) for n in [*names, *(["plots"] if plots else [])]}
+    lacking = {
+        name: [m for m in modules if importlib.util.find_spec(m) is None]
+        for name, modules in wanted.items()
+    }
+    lacking = {name: mods for name, mods in lacking.items() if mods}
+    if not lacking:
+        return None
+    needs = "; ".join(f"{name} needs {', '.join(mods)}" for name, mods in lacking.items())
+    return (
+        f'python -m benchmarks: {needs}. Install the bench extra: pip install -e ".[bench]"'
+        " (or leave those out: --only NAME ..., --no-plots)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs, under 3 minutes")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="NAME")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3 quick, 11 full)")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib)")
     args = parser.parse_args(argv)
+    names = args.only or list(SCENARIOS)
+    problem = missing(names, plots=not args.no_plots)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
 
     out = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
     rounds = args.rounds or (3 if args.quick else 11)
-    names = args.only or list(SCENARIOS)
     modules: list[ModuleType] = [importlib.import_module(f"benchmarks.{n}") for n in names]
 
     reports: list[Report] = []
@@ -115,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             report.data["seconds"] = round(time.monotonic() - t0, 1)
             reports.append(report)
             print(report.markdown() + "\n", flush=True)
-            if report.plot is not None:
+            if report.plot is not None and not args.no_plots:
                 plot(report, out / f"{name}.png")
 
     mode = "--quick" if args.quick else "full"

@@ -12,8 +12,6 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
-import psycopg
-import psycopg_pool
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 
@@ -60,6 +58,10 @@ async def contenders(dsn: str, size: int) -> AsyncIterator[dict[str, Step]]:
             async with pool.acquire() as conn:
                 await conn.execute(SET_TENANT, TENANT)
                 await conn.fetchval("SELECT 1")
+
+        # Imported here: the bench extra's, not the test suite's (see the runner's NEEDS).
+        import psycopg
+        import psycopg_pool
 
         # autocommit: otherwise psycopg wraps each checkout in a transaction and adds a COMMIT.
         ppool = psycopg_pool.AsyncConnectionPool(

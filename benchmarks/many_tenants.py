@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
-import psycopg
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 
@@ -177,6 +176,8 @@ def _server_peak(dsn: str, prefix: str) -> Iterator[Callable[[], int]]:
     stop = threading.Event()
 
     def sample() -> None:
+        import psycopg  # the bench extra's, not the test suite's (see the runner's NEEDS)
+
         nonlocal peak
         with psycopg.connect(psycopg.conninfo.make_conninfo(dsn), autocommit=True) as conn:
             while not stop.is_set():

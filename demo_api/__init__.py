@@ -3,8 +3,9 @@
 Modules, one concept each: ``_settings`` (environment), ``_local_postgres`` (running a
 PostgreSQL server process, shared with the test suite), ``_embedded`` (the demo's own server
 and its data folder), ``_credentials`` (passwords, DSNs), ``_registry`` (the tenant registry,
-provisioning, the resolver), ``_models`` (pydantic), ``_app`` (the FastAPI application, wired
-with ``tenantpool.fastapi``), ``_dashboard`` (the page at ``/``).
+provisioning, the resolver), ``_models`` (pydantic), ``_limits`` (oversized bodies and a doubled
+tenant header, refused before routing), ``_rates`` (the dashboard's last minute), ``_app`` (the
+FastAPI application, wired with ``tenantpool.fastapi``), ``_dashboard`` (the page at ``/``).
 
 ``create_app(admin_dsn, prefix=..., max_connections=...)`` builds the application (for
 benchmarks, or another server); importing the package itself imports nothing heavy.

@@ -85,8 +85,7 @@ def main() -> int:
         logger.error("%s: %s", type(exc).__name__, exc)
         return 1
     finally:
-        if embedded is not None:
-            embedded.stop()
+        if embedded is not None and embedded.stop():
             logger.info("PostgreSQL stopped")
 
 

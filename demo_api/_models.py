@@ -16,10 +16,12 @@ __all__ = [
     "Note",
     "NoteCreate",
     "PoolFigures",
+    "RateSample",
     "TargetInfo",
     "TenantCreate",
     "TenantCreated",
     "TenantDetail",
+    "TenantSummary",
 ]
 
 # tenantpool's check, so the demo and the library agree on what a tenant id is. Its
@@ -69,10 +71,20 @@ class TenantDetail(TenantCreated):
     pool: PoolFigures | None
 
 
+def _no_nul(value: str) -> str:
+    # Valid JSON that PostgreSQL's text refuses: a 422 here rather than a 500 from the server.
+    # (pydantic itself refuses the other such strings, lone surrogates.)
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
 class NoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    body: str = Field(min_length=1, max_length=10_000, examples=["hello"])
+    body: Annotated[str, AfterValidator(_no_nul)] = Field(
+        min_length=1, max_length=10_000, examples=["hello"]
+    )
 
 
 class Note(BaseModel):
@@ -81,8 +93,23 @@ class Note(BaseModel):
     tenant: str
 
 
+class TenantSummary(TenantCreated):
+    """An item of ``GET /tenants``: a tenant and the pool its connections come from."""
+
+    pool: str  # the pool's name: its DSN with the password removed
+
+
+class RateSample(BaseModel):
+    """One second of the manager's activity, for the dashboard's sparklines."""
+
+    checkouts_per_s: float
+    waiting: int
+    in_use: int
+    total: int
+
+
 class DashboardStats(BaseModel):
-    """What the dashboard page polls: the cap, the totals, each pool, and health."""
+    """What the dashboard page polls: the cap, the totals, each pool, health, the last minute."""
 
     status: str
     reasons: list[str]
@@ -95,3 +122,4 @@ class DashboardStats(BaseModel):
     timeouts: int
     steals: int
     pools: list[PoolFigures]
+    history: list[RateSample]  # one sample a second, oldest first

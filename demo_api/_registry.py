@@ -296,6 +296,17 @@ class Registry:
         self._remember(tenant)
         return tenant
 
+    async def list_tenants(self, limit: int = 1000) -> list[Tenant]:
+        """The registered (fully provisioned) tenants, oldest first, at most ``limit``."""
+        rows = await self._control().fetch(
+            f"SELECT t.id, t.isolation, t.object_name, t.created_at, s.password"
+            f" FROM {self._tenants} t LEFT JOIN {self._secrets} s"
+            f"   ON t.isolation = 'role' AND s.role = t.object_name"
+            f" WHERE t.state = 'ready' ORDER BY t.created_at, t.id LIMIT $1",
+            limit,
+        )
+        return [self._tenant(row) for row in rows]
+
     def _tenant(self, row: asyncpg.Record | dict[str, Any]) -> Tenant:
         isolation: Isolation = row["isolation"]
         name: str = row["object_name"]

@@ -9,6 +9,10 @@ Two paths, each one round trip:
   :func:`quote_literal`; no raw input is ever interpolated.
 * ``apply`` runs at checkout when an idle connection carries another tenant's state (or none):
   one parametrised ``set_config`` statement that resets the old settings and applies the new.
+
+Per transaction (``state_scope="transaction"``) neither runs: ``begin`` opens each scope's
+transaction with the state set transaction-locally, in one simple-query round trip, and the
+scope's commit or rollback is all the cleaning there is.
 """
 
 from __future__ import annotations

@@ -122,3 +122,21 @@ class FakeServer:
             self._writers.append(writer)
         else:
             writer.close()
+
+
+async def open_together(manager: TenantPoolManager, tenant: str, n: int) -> list[int]:
+    """Check out ``n`` connections of ``tenant`` at once and give them back; their pids."""
+    pids: list[int] = []
+    ready = anyio.Event()
+
+    async def hold() -> None:
+        async with manager.with_connection(tenant) as conn:
+            pids.append(conn.get_server_pid())
+            if len(pids) == n:
+                ready.set()
+            await ready.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(hold)
+    return pids

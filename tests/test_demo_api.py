@@ -6,10 +6,13 @@ import asyncio
 import json
 import re
 import secrets
+import select
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from demo_api._registry import ISOLATIONS
 
 pytestmark = pytest.mark.anyio
 
-README_SECTION = REPO_ROOT / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +323,115 @@ async def test_bad_requests_get_json_errors(
     assert "detail" in response.json()
 
 
+async def test_note_bodies_postgresql_cannot_store_are_422s(
+    client: httpx.AsyncClient, known_tenant: str
+) -> None:
+    headers = {**JSON, "X-Tenant-ID": known_tenant}
+    # Valid JSON that text columns refuse: a NUL, and a lone surrogate.
+    for raw, reason in ((r'{"body": "a\u0000b"}', "NUL"), (r'{"body": "a\ud800b"}', "unicode")):
+        response = await client.post("/notes", headers=headers, content=raw)
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", "body"]
+        assert reason in error["msg"]
+    assert (await client.get("/notes", headers=headers)).status_code == 200
+
+
+async def test_a_body_failing_validation_checks_out_no_connection(
+    client: httpx.AsyncClient, known_tenant: str
+) -> None:
+    headers = {**JSON, "X-Tenant-ID": known_tenant}
+    ok = await client.post("/notes", headers=headers, json={"body": "warm"})
+    assert ok.status_code == 201
+    before = (await client.get("/api/stats")).json()["checkouts"]
+    for body in ({"body": ""}, {}, {"body": 5}, {"body": "x" * 10_001}, {"body": "a\u0000"}):
+        response = await client.post("/notes", headers=headers, json=body)
+        assert response.status_code == 422, response.text
+    assert (await client.get("/api/stats")).json()["checkouts"] == before
+    ok = await client.post("/notes", headers=headers, json={"body": "counted"})
+    assert (await client.get("/api/stats")).json()["checkouts"] == before + 1
+
+
+async def test_the_tenant_header_given_twice_is_a_400_saying_so(
+    client: httpx.AsyncClient, known_tenant: str
+) -> None:
+    headers = [("X-Tenant-ID", known_tenant), ("X-Tenant-ID", known_tenant)]
+    response = await client.get("/notes", headers=headers)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "the X-Tenant-ID header is given 2 times; send it once"}
+
+
+def raw_request(demo: DemoProcess, head: str, body: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send ``head`` then ``body``'s chunks until the server answers; (the answer, bytes sent).
+
+    A raw socket, because a client such as httpx insists on sending the whole body first.
+    """
+    sent = 0
+    with socket.create_connection(("127.0.0.1", demo.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        for chunk in body:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < 100_000:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+    return answer, sent
+
+
+TWENTY_MB = 20 * 1024 * 1024
+
+
+def test_a_20_mb_body_is_refused_with_413_unread(demo: DemoProcess, known_tenant: str) -> None:
+    post = f"POST /notes HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: {known_tenant}\r\n"
+    post += "Content-Type: application/json\r\nConnection: close\r\n"
+    chunk = b"x" * 65536
+    # Declared: refused before any of it is read.
+    answer, _ = raw_request(
+        demo, post + f"Content-Length: {TWENTY_MB}\r\n\r\n", iter([b'{"body": "'])
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert json.loads(body) == {"detail": "request body larger than 262144 bytes"}
+    # Chunked, no length given: refused once past the limit, long before the 20 MB are sent.
+    chunks = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(TWENTY_MB // len(chunk)))
+    answer, sent = raw_request(demo, post + "Transfer-Encoding: chunked\r\n\r\n", chunks)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert len(answer) < 1000  # not echoed
+    assert sent < TWENTY_MB
+
+
+async def test_get_tenants_lists_every_tenant_with_its_model_and_pool(
+    client: httpx.AsyncClient,
+) -> None:
+    mine = {new_id(f"list-{iso}"): iso for iso in ISOLATIONS}
+    for tenant, isolation in mine.items():
+        await create_tenant(client, tenant, isolation)
+    response = await client.get("/tenants")
+    assert response.status_code == 200
+    listed = {t["id"]: t for t in response.json()}
+    for tenant, isolation in mine.items():
+        item = listed[tenant]
+        assert item["isolation"] == isolation
+        detail = (await client.get(f"/tenants/{tenant}")).json()
+        assert item["pool"] == detail["target"]["pool"]
+        assert item["created_at"] == detail["created_at"]
+    created = [t["created_at"] for t in response.json()]
+    assert created == sorted(created)
+
+
 @pytest.fixture(scope="module")
 def known_tenant(demo: DemoProcess) -> str:
     tenant = new_id("known")
@@ -389,8 +501,8 @@ async def test_no_password_in_any_response(
 
 
 def readme_commands() -> list[tuple[str, str | None]]:
-    """Each ``curl`` line of the README section, with the ``# -> ...`` line that follows it."""
-    lines = README_SECTION.read_text().splitlines()
+    """Each ``curl`` line of the README, with the ``# -> ...`` line that follows it."""
+    lines = README.read_text().splitlines()
     found: list[tuple[str, str | None]] = []
     for i, line in enumerate(lines):
         if line.startswith("curl "):
@@ -456,8 +568,14 @@ def test_readme_curl_lines_work(pg: PostgresCluster) -> None:
         with DemoProcess(db.env) as demo:
             for line, expected in commands:
                 response = replay(line, demo.base_url)
-                assert response.status_code < 300, (line, response.text)
                 assert expected is not None
+                # "# -> 422 {...}": an error, and its status; else a success.
+                status, _, body = expected.partition(" ")
+                if status.isdigit():
+                    assert response.status_code == int(status), (line, response.text)
+                    expected = body
+                else:
+                    assert response.status_code < 300, (line, response.text)
                 assert matches(response.json(), json.loads(expected)), (line, response.text)
     finally:
         run_sync(db.drop())
@@ -555,8 +673,14 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_dashboard_shows_live_figures_in_chromium(demo: DemoProcess, known_tenant: str) -> None:
     httpx.post(f"{demo.base_url}/notes", headers={"X-Tenant-ID": known_tenant}, json={"body": "x"})
+    # The sparklines draw the server's samples, one a second: wait for two.
+    deadline = time.monotonic() + 60
+    while len(httpx.get(f"{demo.base_url}/api/stats").json()["history"]) < 2:
+        assert time.monotonic() < deadline, "no samples of the rates"
+        time.sleep(0.1)
     stats = httpx.get(f"{demo.base_url}/api/stats").json()
-    assert stats["pools"]
+    tenants = httpx.get(f"{demo.base_url}/tenants").json()
+    assert stats["pools"] and tenants
     # The page's script runs within the virtual time budget, before the DOM is dumped.
     result = chromium("--virtual-time-budget=3000", "--dump-dom", f"{demo.base_url}/")
     dom = result.stdout
@@ -567,9 +691,27 @@ def test_dashboard_shows_live_figures_in_chromium(demo: DemoProcess, known_tenan
     for pool in stats["pools"]:
         row = re.search(rf'<tr data-pool="{re.escape(pool["name"])}">(.*?)</tr>', dom)
         assert row is not None, pool["name"]
-        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
         assert cells[0] == pool["name"]
-        assert cells[4] == f"{pool['size']} / {pool['max_size']}"
+        # Its size may have moved since (a reset, an idle close): the shape, and the maximum.
+        assert re.fullmatch(rf"\d+ / {pool['max_size']}", cells[5]), cells[5]
+        serving = [t for t in tenants if t["pool"] == pool["name"]]
+        for isolation in {t["isolation"] for t in serving}:
+            assert f'<span class="iso {isolation}">{isolation}</span>' in cells[1]
+        assert cells[1].endswith(f"{len(serving)} tenant" + ("" if len(serving) == 1 else "s"))
+    # Every tenant, with its isolation model and pool.
+    assert f'<span id="tenant-count">{len(tenants)}</span>' in dom
+    row = re.search(rf'<tr data-tenant="{re.escape(known_tenant)}">(.*?)</tr>', dom)
+    assert row is not None
+    known = next(t for t in tenants if t["id"] == known_tenant)
+    assert row.group(1) == (
+        f'<td class="name">{known_tenant}</td><td><span class="iso rls">rls</span></td>'
+        f'<td class="name">{known["pool"]}</td>'
+    )
+    # The last minute, drawn: a point per sample, and the current rate.
+    points = re.search(r'<polyline id="rate-line" points="([^"]*)"', dom)
+    assert points is not None and len(points.group(1).split()) >= 2
+    assert re.search(r'<div class="value" id="rate">\d+</div>', dom)
     assert re.search(r'<span id="checkouts">[1-9]\d*</span>', dom)
 
     with tempfile.TemporaryDirectory() as out:

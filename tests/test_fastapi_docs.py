@@ -1,4 +1,4 @@
-"""The README section's apps run as written, and the package keeps its optional imports."""
+"""docs/fastapi.md's apps run as written, and the package keeps its optional imports."""
 
 from __future__ import annotations
 
@@ -17,26 +17,25 @@ import tenantpool.fastapi
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "fastapi.md"
 DOC_DSN = "postgresql://app:secret@localhost:5432/app"
 
 
 def snippets() -> list[str]:
-    """The python blocks of the README's FastAPI section."""
-    text = README.read_text()
-    start = text.index("\n## FastAPI and Starlette\n")
-    section = text[start : text.index("\n## ", start + 1)]
+    """The python blocks of docs/fastapi.md, before its first subsection."""
+    text = PAGE.read_text()
+    section = text[: text.index("\n## ")]
     return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
 
 
 def run_snippet(code: str, dsn: str) -> Any:
     assert code.count(DOC_DSN) == 1
-    namespace: dict[str, Any] = {"__name__": "readme_snippet"}
-    exec(compile(code.replace(DOC_DSN, dsn), str(README), "exec"), namespace)
+    namespace: dict[str, Any] = {"__name__": "docs_snippet"}
+    exec(compile(code.replace(DOC_DSN, dsn), str(PAGE), "exec"), namespace)
     return namespace["app"]
 
 
-def test_the_section_has_a_short_fastapi_app_and_a_starlette_one() -> None:
+def test_the_page_opens_with_a_short_fastapi_app_and_a_starlette_one() -> None:
     fastapi_app, starlette_app = snippets()
     assert "from fastapi import FastAPI" in fastapi_app
     assert len(fastapi_app.splitlines()) < 25

@@ -8,7 +8,7 @@ import asyncio
 import anyio
 import pytest
 from _postgres import PostgresCluster
-from _support import drained, until
+from _support import drained, open_together, until
 
 from tenantpool import (
     PoolSettings,
@@ -182,8 +182,7 @@ async def test_a_tenant_at_its_quota_waits_and_others_pass(pg: PostgresCluster) 
         async with anyio.create_task_group() as tg:
             for _ in range(6):
                 tg.start_soon(noisy)
-            # Both places in use: a connection opened meanwhile would serve whoever is first.
-            await until(lambda: manager.stats().quota_waiting == 4 and manager.stats().in_use == 2)
+            await until(lambda: holding == 2 and manager.stats().quota_waiting == 4)
             # The pool has room: another tenant is not held back by noisy's queue.
             with anyio.fail_after(5):
                 async with manager.with_connection("quiet") as conn:
@@ -226,20 +225,7 @@ async def test_a_quota_wait_times_out_and_a_cancelled_one_leaves_no_place_behind
 
 async def pids(manager: TenantPoolManager, tenant: str, n: int) -> set[int]:
     """The backends of ``n`` scopes of ``tenant`` held at once."""
-    found: set[int] = set()
-    ready = anyio.Event()
-
-    async def hold() -> None:
-        async with manager.with_connection(tenant) as conn:
-            found.add(conn.get_server_pid())
-            if len(found) == n:
-                ready.set()
-            await ready.wait()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(hold)
-    return found
+    return set(await open_together(manager, tenant, n))
 
 
 async def server_pids(pg: PostgresCluster) -> set[int]:

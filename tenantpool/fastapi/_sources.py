@@ -6,10 +6,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Scope
-
-from .._errors import InvalidTenant
 
 __all__ = [
     "RequestFinder",
@@ -56,9 +55,12 @@ class _Header(TenantSource):
         values = Headers(scope=scope).getlist(self.name)
         if not values:
             return None
-        # Two copies may be read differently by a proxy and by us: refuse rather than pick one.
+        # Two copies may be read differently by a proxy and by us: refuse rather than pick one,
+        # saying why (an InvalidTenant would be answered as a malformed id).
         if len(values) > 1:
-            raise InvalidTenant(f"the {self.name} header is given {len(values)} times")
+            raise HTTPException(
+                400, f"the {self.name} header is given {len(values)} times; send it once"
+            )
         return values[0]
 
 
