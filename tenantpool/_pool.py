@@ -473,16 +473,13 @@ class Pool:
                 try:
                     raw = await self._connect()
                 except InitFailed as exc:
-                    # The server answered: whatever the backoff was waiting for, it is back.
-                    self._backoff.succeeded()
-                    self._counters.failing.pop(self.name, None)
+                    self._reached()  # the server answered; init is the application's
                     self._init_failed(exc.cause)
                 except Exception as exc:
                     self._connect_failed(exc)
                     admission = Admission.REJECT  # reported: nothing left to abandon
                 else:
-                    self._backoff.succeeded()
-                    self._counters.failing.pop(self.name, None)
+                    self._reached()
         except BaseException:
             self._gave_up(admission)
             raise
@@ -499,6 +496,11 @@ class Pool:
                 self._on_back(self)
         self._opening -= 1
         self._make_idle(PooledConnection(raw, self.settings, self._lifetime_draw(), generation))
+
+    def _reached(self) -> None:
+        """A connect got through: the target is up, for every caller."""
+        self._backoff.succeeded()
+        self._counters.failing.pop(self.name, None)
 
     def _gave_up(self, admission: Admission) -> None:
         """An open ended without a connection: its slot goes back."""
