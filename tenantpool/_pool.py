@@ -6,7 +6,14 @@ between two updates. The I/O — opening, resetting, pinging, closing — runs i
 which call those methods when they finish. Release is synchronous too, so a caller cancelled in
 its ``finally`` cannot leak the connection.
 
-The pools of one manager share a ``Capacity`` (the cap across pools) and a ``Counters``. A pool
+Waiters are served in their turn (round robin across tenants, first come first served within
+one) by whichever connection frees first: idle, back from its reset, or just opened, whoever it
+was opened for. A pool opens only for the waiters that what is already coming (connections being
+reset, opened or queued for at the cap) will not serve, so a checkout waits a round trip for its
+pool's own connection rather than opening one, or stealing another tenant's at the cap.
+
+The pools of one manager share a ``Capacity`` (the cap across pools), a ``Deadlines`` (when
+queued checkouts give up), a ``Counters`` and the supervisor that spawns their tasks. A pool
 asks the capacity for a slot before it opens a connection, tells it when a connection becomes
 idle or stops being so, and when one is gone; the capacity's decisions (grant a slot to a queued
 request, steal an idle connection for one) are carried out by ``carry_out`` on whichever pool
@@ -1134,13 +1141,11 @@ class Pool:
         # Polite closes get their own budget; opens are cut short.
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=grace)
-        # Work cut short may start more (a reset that fails closes its connection): again
-        # until none is left.
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
+        # Whatever these start on their way out is the manager's supervisor's to end.
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
 
 async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> bool:
