@@ -114,10 +114,11 @@ async def test_a_burst_is_served_in_arrival_order_and_barely_grows_the_pool(
     """min_size=5, max_size=10, slow connects, 50 short requests: the 5 connections there
     serve the burst in arrival order; the pool grows by a step, not to max_size."""
     slow = False
+    burst_over = anyio.Event()
 
     async def init(conn: asyncpg.Connection) -> None:
-        if slow:
-            await anyio.sleep(1.0)
+        if slow:  # connects slower than the burst: they end after it
+            await burst_over.wait()
 
     # No session state: the refilled connections already carry it, so no checkout makes a
     # round trip to apply it, and the order served is the order handed out.
@@ -143,5 +144,8 @@ async def test_a_burst_is_served_in_arrival_order_and_barely_grows_the_pool(
                 for i in range(50):
                     tg.start_soon(request, i)
         assert served == arrived
+        # The connections there served the whole burst; two more were on their way.
+        assert manager.stats().pools[next(iter(manager.stats().pools))].opening == 2
+        burst_over.set()
         await drained(manager)
-        assert 5 <= manager.stats().total <= 7
+        assert manager.stats().total == 7
