@@ -37,6 +37,8 @@ SCENARIOS = (
     "transaction_mode",
     "noisy_neighbour",
     "sqlalchemy",
+    "bursts",
+    "overload",
 )
 # What the bench extra (pip install -e ".[bench]") brings, by who needs it; the rest of the
 # runner needs only what the test suite has.
