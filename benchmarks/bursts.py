@@ -17,7 +17,7 @@ from tenantpool import PoolSettings, Target, TenantPoolManager
 
 from ._harness import Context, Goal, Report, median, table, tenant_dsn, wait_until
 
-TITLE = "10. Reuse before growth and a burst on a warm pool"
+TITLE = "11. Reuse before growth and a burst on a warm pool"
 CONNECT = 0.15
 
 

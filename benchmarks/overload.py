@@ -21,7 +21,7 @@ from tenantpool import PoolSettings, PoolTimeout, Target, TenantPoolManager
 
 from ._harness import Context, Goal, Report, median, percentile, table, tenant_dsn
 
-TITLE = "11. Overload at the cap (10,000 waiters timing out) and stats/health with 10,000 pools"
+TITLE = "12. Overload at the cap (10,000 waiters timing out) and stats/health with 10,000 pools"
 WAITERS = 10_000
 TIMEOUT = 1.0
 POOLS = 10_000

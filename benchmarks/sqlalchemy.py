@@ -37,7 +37,7 @@ from ._harness import (
 )
 from .http import CONNECTIONS, UVICORN, WRK_SCRIPT, load, plot, server
 
-TITLE = "8. SQLAlchemy: an ORM select in FastAPI, plain SQLAlchemy vs. tenantpool's TenantSession"
+TITLE = "10. SQLAlchemy: an ORM select in FastAPI, plain SQLAlchemy vs. tenantpool's TenantSession"
 
 TENANTS = [f"tenant{i}" for i in range(64)]
 NOTES_PER_TENANT = 5
