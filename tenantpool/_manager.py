@@ -431,15 +431,14 @@ def _secrets_of(dsn: str, connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant")
+    __slots__ = ("_checkout", "_manager", "_scope", "_tenant")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
         self._tenant = tenant
         self._scope: Scope | None = None
-        self._owned = False
-        # What this block checked out, if it did (for commit_and_continue), and whether it
-        # holds a place of its tenant's quota.
+        # What this block checked out, if it did not reuse an outer scope: the pool, the
+        # connection, the state it carries, and whether it holds a place of its tenant's quota.
         self._checkout: tuple[Pool, PooledConnection, SessionState, bool] | None = None
 
     async def __aenter__(self) -> TenantConnection:
@@ -488,7 +487,6 @@ class _ScopeContext:
                     quotas.leave(tenant)
                     raise
             scope = Scope(manager, tenant, pool, conn, task)
-            self._owned = True
             self._checkout = (pool, conn, target.session_state, limit is not None)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
@@ -507,9 +505,8 @@ class _ScopeContext:
         # No await until the release: a cancellation cannot cut it short (a commit, the one
         # await, gives the connection back itself whatever happens).
         pop_scope(scope)
-        if self._owned:
-            self._owned = False
-            checkout, self._checkout = self._checkout, None
+        checkout, self._checkout = self._checkout, None
+        if checkout is not None:
             pool, conn, used = scope.end()
             try:
                 if not pool.per_transaction:
@@ -520,7 +517,7 @@ class _ScopeContext:
                     # Nothing to keep: the rollback runs off the caller's path.
                     pool.release(conn, dirty=True)
             finally:
-                if checkout is not None and checkout[3]:
+                if checkout[3]:
                     self._manager._quotas.leave(scope.tenant)
 
     async def commit_and_continue(self) -> None:
