@@ -36,6 +36,9 @@ SCENARIOS = (
     "cap_cost",
     "transaction_mode",
     "noisy_neighbour",
+    "sqlalchemy",
+    "bursts",
+    "overload",
 )
 # What the bench extra (pip install -e ".[bench]") brings, by who needs it; the rest of the
 # runner needs only what the test suite has.
@@ -56,7 +59,16 @@ def machine(pg: PostgresCluster) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for package in ("asyncpg", "psycopg", "psycopg-pool", "fastapi", "uvicorn", "tenantpool"):
+    for package in (
+        "asyncpg",
+        "psycopg",
+        "psycopg-pool",
+        "fastapi",
+        "uvicorn",
+        "sqlalchemy",
+        "fastapi-tenancy",
+        "tenantpool",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

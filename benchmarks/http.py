@@ -128,10 +128,12 @@ def rls_table(ctx: Context) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def server(factory: str, env: dict[str, str]) -> Iterator[str]:
+def server(
+    factory: str, env: dict[str, str], module: str = "benchmarks._http_apps"
+) -> Iterator[str]:
     """uvicorn serving ``factory`` in a process of its own; yields its URL once it answers."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", f"benchmarks._http_apps:{factory}", "--factory"]
+    command = [sys.executable, "-m", "uvicorn", f"{module}:{factory}", "--factory"]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port), *UVICORN],

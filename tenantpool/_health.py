@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._stats import ManagerStats
+from ._stats import Totals
 
 __all__ = ["HealthReport", "assess"]
 
@@ -53,15 +53,17 @@ class HealthReport:
 
 
 def assess(
-    stats: ManagerStats,
+    totals: Totals,
     *,
     closed: bool,
     background_task: TaskState,
     longest_wait: float,
     saturated_for: float,
+    backing_off: tuple[str, ...],
 ) -> HealthReport:
-    """Judge the manager's state; a pure function of the figures it is given."""
-    backing_off = tuple(name for name, pool in stats.pools.items() if pool.backing_off)
+    """Judge the manager's state; a pure function of the figures it is given (which never
+    include per-pool detail, so that it costs the same however many pools there are)."""
+    targets = totals.targets
     failing: list[str] = []
     degraded: list[str] = []
     if closed:
@@ -70,17 +72,17 @@ def assess(
         failing.append("the manager is not started")
     elif background_task != "running":
         failing.append(f"the background task is {background_task}")
-    if backing_off and len(backing_off) == len(stats.pools):
+    if backing_off and len(backing_off) == targets:
         failing.append(f"every known target is down ({len(backing_off)})")
     elif backing_off:
-        degraded.append(f"{len(backing_off)} of {len(stats.pools)} targets are backing off")
+        degraded.append(f"{len(backing_off)} of {targets} targets are backing off")
     if longest_wait >= WAITING_DEGRADED_AFTER:
         degraded.append(
-            f"{stats.waiting} checkouts are waiting, the oldest for {longest_wait:.1f} s"
+            f"{totals.waiting} checkouts are waiting, the oldest for {longest_wait:.1f} s"
         )
     if saturated_for >= SATURATED_DEGRADED_AFTER:
         degraded.append(
-            f"every connection under the cap of {stats.max_total} has been in use"
+            f"every connection under the cap of {totals.max_total} has been in use"
             f" for {saturated_for:.1f} s"
         )
     status: Status = "failing" if failing else "degraded" if degraded else "ok"
@@ -88,13 +90,13 @@ def assess(
         status=status,
         reasons=(*failing, *degraded),
         background_task=background_task,
-        targets=len(stats.pools),
+        targets=targets,
         backing_off=backing_off,
-        total=stats.total,
-        in_use=stats.in_use,
-        idle=stats.idle,
-        waiting=stats.waiting,
-        max_total=stats.max_total,
+        total=totals.total,
+        in_use=totals.in_use,
+        idle=totals.idle,
+        waiting=totals.waiting,
+        max_total=totals.max_total,
         longest_wait=longest_wait,
         saturated_for=saturated_for,
     )

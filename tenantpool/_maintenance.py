@@ -42,10 +42,12 @@ class Maintenance:
         interval: float,
         pools: Callable[[], Iterable[Pool]],
         chores: Sequence[tuple[str, Callable[[float], object]]],
+        spawn: Callable[..., asyncio.Task[None]] | None = None,
     ) -> None:
         self.interval = interval
         self._pools = pools
         self._chores = chores
+        self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -59,9 +61,11 @@ class Maintenance:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="tenantpool maintenance"
-            )
+            name = "tenantpool maintenance"
+            if self._spawn is not None:
+                self._task = self._spawn(self._run(), name=name)
+            else:
+                self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
             self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:

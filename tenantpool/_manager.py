@@ -13,10 +13,19 @@ import asyncpg
 
 from ._backoff import Backoff
 from ._capacity import Capacity
+from ._deadlines import Deadlines
 from ._errors import ManagerClosed, NoCurrentConnection, UnknownTenant
 from ._health import HealthReport, assess
 from ._maintenance import Maintenance
-from ._pool import Pool, PooledConnection, SharedCapacity, carry_out
+from ._pool import (
+    InitFailed,
+    Pool,
+    PooledConnection,
+    SharedCapacity,
+    SharedDeadlines,
+    carry_out,
+    time_out,
+)
 from ._quota import Quotas
 from ._resolver_cache import ResolverCache
 from ._scope import (
@@ -37,7 +46,8 @@ from ._settings import (
     redact_dsn,
     server_address,
 )
-from ._stats import Counters, ManagerStats
+from ._stats import Counters, ManagerStats, Totals
+from ._supervisor import Supervisor
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
 __all__ = ["TenantPoolManager"]
@@ -84,7 +94,11 @@ class TenantPoolManager:
             raise ValueError("reconnect_delay_max must be >= reconnect_delay")
         if default_tenant is not None:
             validate_tenant_id(default_tenant)
-        self._resolver = ResolverCache(TenantResolver(resolver), resolver_ttl)
+        # Every task the manager starts, so that close() leaves none running.
+        self._supervisor = Supervisor()
+        self._resolver = ResolverCache(
+            TenantResolver(resolver), resolver_ttl, spawn=self._supervisor.spawn
+        )
         self._quotas = Quotas()
         self.max_total_connections = max_total_connections
         self.pool_settings = pool if pool is not None else PoolSettings()
@@ -103,6 +117,7 @@ class TenantPoolManager:
             lambda pool: pool.size > pool.settings.min_size,
             lambda pool: pool.size,
         )
+        self._deadlines: SharedDeadlines = Deadlines(time_out)
         self._counters = Counters()
         self._maintenance = Maintenance(
             reap_interval,
@@ -112,6 +127,7 @@ class TenantPoolManager:
                 ("saturation", self._watch_saturation),
                 ("fair share", self._lend_kept),
             ),
+            spawn=self._supervisor.spawn,
         )
         self._saturated_since: float | None = None
         self._started = False
@@ -131,7 +147,9 @@ class TenantPoolManager:
         """Close every pool; checkouts raise ``ManagerClosed`` from now on.
 
         Connections still checked out get ``close_timeout`` seconds to come back, then are
-        terminated, so ``close()`` never hangs on a scope that does not end.
+        terminated, so ``close()`` never hangs on a scope that does not end. No task of the
+        manager runs once it returns, and no pool is created after it began: a checkout still
+        inside the resolver then raises ``ManagerClosed``.
         """
         self._closed = True
         await self._maintenance.stop()
@@ -141,6 +159,8 @@ class TenantPoolManager:
         for pool in pools:
             pool.begin_close()
         await asyncio.gather(*(pool.close(self.close_timeout) for pool in pools))
+        # Lookups still in flight, and whatever the closes started: nobody needs them now.
+        await self._supervisor.stop()
 
     async def __aenter__(self) -> TenantPoolManager:
         await self.start()
@@ -236,7 +256,9 @@ class TenantPoolManager:
                 self._connector(target.dsn, settings),
                 secrets=_secrets_of(target.dsn, self._connect_kwargs),
                 capacity=self._capacity,
+                deadlines=self._deadlines,
                 counters=self._counters,
+                spawn=self._supervisor.spawn,
                 backoff=Backoff(first=first, cap=cap, rng=random.random if jitter else _no_jitter),
                 lifetime_draw=random.random,
                 server=server_address(target.dsn),
@@ -271,6 +293,7 @@ class TenantPoolManager:
             if pool.forgettable(now, self.forget_after):
                 del self._pools[key]
                 self._pool_names.discard(pool.name)
+                self._counters.failing.pop(pool.name, None)
 
     def _lend_kept(self, now: float) -> None:
         """Idle connections a pool within its fair share kept from busier pools go to whoever
@@ -308,16 +331,27 @@ class TenantPoolManager:
             kwargs = {"statement_cache_size": 0, **kwargs}
 
         async def connect() -> asyncpg.Connection:
-            raw: asyncpg.Connection = await asyncpg.connect(
-                dsn, timeout=settings.connect_timeout, **kwargs
-            )
-            if self._init is not None:
-                try:
+            # Connect and init share one deadline: a stalled init must not hold its slot.
+            budget = settings.connect_timeout
+            deadline = asyncio.get_running_loop().time() + budget
+            raw: asyncpg.Connection = await asyncpg.connect(dsn, timeout=budget, **kwargs)
+            if self._init is None:
+                return raw
+            try:
+                async with asyncio.timeout_at(deadline):
                     await self._init(raw)
-                    await adopt_init_session(raw, budget=settings.connect_timeout)
-                except BaseException:
-                    raw.terminate()
-                    raise
+                    left = deadline - asyncio.get_running_loop().time()
+                    await adopt_init_session(raw, budget=max(left, 0.001))
+            except BaseException as exc:
+                lost = raw.is_closed()  # the server went away under init: an outage
+                raw.terminate()
+                if isinstance(exc, TimeoutError) and not lost:
+                    raise InitFailed(
+                        TimeoutError(f"init did not finish within connect_timeout ({budget} s)")
+                    ) from exc
+                if isinstance(exc, Exception) and not lost:
+                    raise InitFailed(exc) from exc
+                raise
             return raw
 
         return connect
@@ -325,45 +359,61 @@ class TenantPoolManager:
     # -- observability -----------------------------------------------------------------------
 
     def stats(self) -> ManagerStats:
-        """Counts over every pool: total, in use, idle, waiting, per pool by name, counters."""
-        per_pool = {pool.name: pool.stats() for pool in self._pools.values()}
+        """Counts over every pool: total, in use, idle, waiting, per pool by name, counters.
+
+        The totals are running figures; only the per-pool snapshot passes over the pools.
+        """
         counters = self._counters
+        totals = self._totals()
         return ManagerStats(
-            total=sum(s.size for s in per_pool.values()),
-            in_use=sum(s.in_use for s in per_pool.values()),
-            idle=sum(s.idle for s in per_pool.values()),
-            waiting=sum(s.waiting for s in per_pool.values()),
-            max_total=self.max_total_connections,
-            pools=MappingProxyType(per_pool),
+            total=totals.total,
+            in_use=totals.in_use,
+            idle=totals.idle,
+            waiting=totals.waiting,
+            max_total=totals.max_total,
+            pools=MappingProxyType({pool.name: pool.stats() for pool in self._pools.values()}),
             checkouts=counters.checkouts,
             timeouts=counters.timeouts + self._quotas.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,
-            backing_off=sum(s.backing_off for s in per_pool.values()),
+            backing_off=len(counters.failing),
             wait_time=counters.wait_times(),
             quota_waiting=self._quotas.waiting,
             quota_waits=self._quotas.waits,
+        )
+
+    def _totals(self) -> Totals:
+        counters = self._counters
+        return Totals(
+            targets=len(self._pools),
+            # Every connection of every pool holds a slot of the capacity, and only they do.
+            total=self._capacity.total,
+            in_use=counters.in_use,
+            idle=counters.idle,
+            waiting=counters.waiting,
+            max_total=self.max_total_connections,
         )
 
     async def health(self) -> HealthReport:
         """``ok``, ``degraded`` or ``failing``, with the figures behind the verdict."""
         loop_now = asyncio.get_running_loop().time()
         return assess(
-            self.stats(),
+            self._totals(),
             closed=self._closed,
             background_task=self._maintenance.state,
-            longest_wait=max((p.oldest_wait(loop_now) for p in self._pools.values()), default=0.0),
+            longest_wait=self._deadlines.oldest_wait(loop_now),
             saturated_for=self._watch_saturation(time.monotonic()),
+            backing_off=tuple(self._counters.failing),
         )
 
     def __repr__(self) -> str:
-        s = self.stats()
+        s = self._totals()
         state = "closed" if self._closed else "open" if self._started else "not started"
         cap = "none" if s.max_total is None else str(s.max_total)
         return (
             f"<TenantPoolManager {state} | Requests: {s.in_use} active, {s.waiting} queued"
-            f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {len(s.pools)} pools>"
+            f" | Connections: {s.total} of cap {cap} ({s.idle} idle) in {s.targets} pools>"
         )
 
 
@@ -381,15 +431,14 @@ def _secrets_of(dsn: str, connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
 class _ScopeContext:
     """``async with`` over one scope; a class rather than a generator for a cheap hot path."""
 
-    __slots__ = ("_checkout", "_manager", "_owned", "_scope", "_tenant")
+    __slots__ = ("_checkout", "_manager", "_scope", "_tenant")
 
     def __init__(self, manager: TenantPoolManager, tenant: str | None) -> None:
         self._manager = manager
         self._tenant = tenant
         self._scope: Scope | None = None
-        self._owned = False
-        # What this block checked out, if it did (for commit_and_continue), and whether it
-        # holds a place of its tenant's quota.
+        # What this block checked out, if it did not reuse an outer scope: the pool, the
+        # connection, the state it carries, and whether it holds a place of its tenant's quota.
         self._checkout: tuple[Pool, PooledConnection, SessionState, bool] | None = None
 
     async def __aenter__(self) -> TenantConnection:
@@ -418,11 +467,20 @@ class _ScopeContext:
             manager._check_open()
             # Resolving counts against the checkout's acquire_timeout, as waiting does.
             resolver, started = manager._resolver, None
-            if resolver.must_ask(tenant):
-                started = asyncio.get_running_loop().time()
-                target = await resolver.resolve(tenant, manager.pool_settings.acquire_timeout)
-            else:
-                target = await resolver.resolve(tenant)
+            try:
+                if resolver.must_ask(tenant):
+                    started = asyncio.get_running_loop().time()
+                    patience = manager.pool_settings.acquire_timeout
+                    target = await resolver.resolve(tenant, patience)
+                else:
+                    target = await resolver.resolve(tenant)
+            except asyncio.CancelledError:
+                if manager._closed and not task.cancelling():
+                    # close() ended the lookup this checkout shared, not its caller.
+                    raise ManagerClosed("the manager is closed") from None
+                raise
+            # close() may have run meanwhile: it must not be followed by a new pool.
+            manager._check_open()
             pool = manager._pool_for(target)
             limit = target.max_in_use
             if limit is None:
@@ -441,7 +499,6 @@ class _ScopeContext:
                     quotas.leave(tenant)
                     raise
             scope = Scope(manager, tenant, pool, conn, task)
-            self._owned = True
             self._checkout = (pool, conn, target.session_state, limit is not None)
         # A reused scope is pushed again too: it is the current one until this block ends.
         self._scope = scope
@@ -460,9 +517,8 @@ class _ScopeContext:
         # No await until the release: a cancellation cannot cut it short (a commit, the one
         # await, gives the connection back itself whatever happens).
         pop_scope(scope)
-        if self._owned:
-            self._owned = False
-            checkout, self._checkout = self._checkout, None
+        checkout, self._checkout = self._checkout, None
+        if checkout is not None:
             pool, conn, used = scope.end()
             try:
                 if not pool.per_transaction:
@@ -473,7 +529,7 @@ class _ScopeContext:
                     # Nothing to keep: the rollback runs off the caller's path.
                     pool.release(conn, dirty=True)
             finally:
-                if checkout is not None and checkout[3]:
+                if checkout[3]:
                     self._manager._quotas.leave(scope.tenant)
 
     async def commit_and_continue(self) -> None:

@@ -6,7 +6,14 @@ between two updates. The I/O — opening, resetting, pinging, closing — runs i
 which call those methods when they finish. Release is synchronous too, so a caller cancelled in
 its ``finally`` cannot leak the connection.
 
-The pools of one manager share a ``Capacity`` (the cap across pools) and a ``Counters``. A pool
+Waiters are served in their turn (round robin across tenants, first come first served within
+one) by whichever connection frees first: idle, back from its reset, or just opened, whoever it
+was opened for. A pool opens only for the waiters that what is already coming (connections being
+reset, opened or queued for at the cap) will not serve, so a checkout waits a round trip for its
+pool's own connection rather than opening one, or stealing another tenant's at the cap.
+
+The pools of one manager share a ``Capacity`` (the cap across pools), a ``Deadlines`` (when
+queued checkouts give up), a ``Counters`` and the supervisor that spawns their tasks. A pool
 asks the capacity for a slot before it opens a connection, tells it when a connection becomes
 idle or stops being so, and when one is gone; the capacity's decisions (grant a slot to a queued
 request, steal an idle connection for one) are carried out by ``carry_out`` on whichever pool
@@ -19,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import Any
 
@@ -28,19 +36,44 @@ import asyncpg
 from . import _session
 from ._backoff import Admission, Backoff
 from ._capacity import Capacity, Grant, Steal
+from ._deadlines import Deadlines
 from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavailable
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
 
-__all__ = ["Pool", "PooledConnection", "SharedCapacity", "carry_out"]
+__all__ = [
+    "InitFailed",
+    "Pool",
+    "PooledConnection",
+    "SharedCapacity",
+    "SharedDeadlines",
+    "carry_out",
+    "time_out",
+]
 
 logger = logging.getLogger("tenantpool")
 
 Connector = Callable[[], Awaitable[asyncpg.Connection]]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 # A queued checkout that times out learns nothing about when capacity frees up; one second is
 # a polite pause that does not turn a brief overload into a long outage.
 _TIMEOUT_RETRY_AFTER = 1.0
+
+# While a pool has connections out, at most this many are opened (or queued for at the cap) at
+# once for its waiters: a pool of 5 hit by a burst of short requests ends at about 7, not at
+# max_size (what comes back serves the burst), and one whose load stays keeps growing, two
+# connects at a time. A pool with nothing out opens for every waiter at once.
+_GROWTH_STEP = 2
+
+
+class InitFailed(Exception):
+    """The manager's ``init`` raised (or ran past ``connect_timeout``) on a new connection:
+    a fault of the application's callback, not of the server, so no backoff follows."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 class PooledConnection:
@@ -50,6 +83,7 @@ class PooledConnection:
         "applied",
         "close_on_release",
         "created_at",
+        "cut_off",
         "expires_at",
         "generation",
         "guard_ready",
@@ -80,37 +114,43 @@ class PooledConnection:
         # The session state the connection carries; None when unknown (it must be reset).
         self.applied: SessionState | None = ()
         self.close_on_release = False
+        self.cut_off = False  # terminated by the watchdog: its slot is held a while
         self.guard_ready = False  # the reset's prepared-statement guard is prepared on it
         self.next_state: SessionState | None = None  # for the reset: whom to prepare it for
 
 
 class _Waiter:
-    """A checkout waiting for a connection of its pool or for a slot under the cap."""
+    """A checkout waiting for a connection of its pool (or, queued, for a slot under the cap)."""
 
-    __slots__ = ("deadline", "future", "pool", "queued", "since", "state", "tenant")
+    __slots__ = ("future", "pool", "queued", "since", "state", "tenant", "waiting")
 
-    def __init__(self, pool: Pool, state: SessionState, deadline: float, tenant: str) -> None:
+    def __init__(self, pool: Pool, state: SessionState, tenant: str) -> None:
         loop = asyncio.get_running_loop()
-        # The result is an idle connection handed over, or the task opening one for it.
-        self.future: asyncio.Future[PooledConnection | asyncio.Task[PooledConnection]] = (
-            loop.create_future()
-        )
+        # The result is a connection handed over: idle, back from its reset, or just opened.
+        self.future: asyncio.Future[PooledConnection] = loop.create_future()
         self.pool = pool
         self.state = state
         self.tenant = tenant  # waiters are served round robin across tenants
-        self.queued = False  # in the capacity's queue, waiting for a slot
+        self.queued = False  # in the capacity's queue: a slot granted to it opens a connection
         self.since = loop.time()
-        self.deadline = deadline  # loop time at which the checkout gives up: PoolTimeout
+        self.waiting = True  # until served, failed or cancelled (the pool forgets it)
 
 
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
+SharedDeadlines = Deadlines[_Waiter]
+
+
+def time_out(waiter: _Waiter) -> None:
+    """A queued checkout reached its deadline (``SharedDeadlines`` calls this)."""
+    waiter.pool._time_out(waiter)
 
 
 def carry_out(
     capacity: SharedCapacity,
     decision: Grant[_Waiter] | Steal[Pool, PooledConnection, _Waiter] | None,
 ) -> None:
-    """Act on a capacity decision: the chosen checkout starts opening, after a steal's close."""
+    """Act on a capacity decision: the chosen checkout's pool opens a connection, after a
+    steal's close; whoever of that pool waits first when it is ready gets it."""
     while decision is not None:
         waiter = decision.request
         if not waiter.future.done():
@@ -119,7 +159,7 @@ def carry_out(
                 victim = decision.conn
                 decision.pool._evict(victim)
                 waiter.pool._counters.steals += 1
-            waiter.pool._start_open(waiter, victim)
+            waiter.pool._granted(waiter, victim)
             return
         # Chosen in the instant between its cancellation and its clean-up: pass it on.
         waiter.pool._forget_waiter(waiter)
@@ -143,11 +183,12 @@ class Pool:
         "_closing",
         "_connect",
         "_counters",
+        "_deadlines",
         "_dispatch_again",
         "_dispatching",
         "_drained",
-        "_expiry_timer",
         "_generation",
+        "_held",
         "_idle",
         "_idle_by_state",
         "_in_use",
@@ -155,10 +196,12 @@ class Pool:
         "_lifetime_draw",
         "_on_back",
         "_opening",
+        "_opens",
         "_pending",
         "_refill_spread",
         "_refill_timer",
         "_secrets",
+        "_spawn",
         "_tasks",
         "_turns",
         "_waiters",
@@ -178,7 +221,9 @@ class Pool:
         *,
         secrets: tuple[str, ...],
         capacity: SharedCapacity,
+        deadlines: SharedDeadlines,
         counters: Counters,
+        spawn: Spawn,
         backoff: Backoff,
         lifetime_draw: Callable[[], float],
         server: str = "",
@@ -204,9 +249,13 @@ class Pool:
         self._idle_by_state: dict[SessionState, dict[PooledConnection, None]] = {}
         self._in_use: set[PooledConnection] = set()
         self._opening = 0
+        # Opens in flight, with when they began (for the watchdog).
+        self._opens: dict[asyncio.Task[None], float] = {}
         # Connections being reset or pinged, with when that began (for the watchdog).
         self._aside: dict[PooledConnection, float] = {}
         self._closing = 0
+        # Slots of connections cut off, held until these timers fire (see _hold_slot).
+        self._held: deque[asyncio.TimerHandle] = deque()
         # Checkouts in arrival order; a dict so that any of them leaves in O(1).
         self._waiters: dict[_Waiter, None] = {}
         # The same waiters by tenant, tenants in the order their turn comes: one served goes
@@ -222,9 +271,9 @@ class Pool:
         self._drained: asyncio.Event | None = None  # made by close(), to wait on
         # A refill put off: while the backoff holds the next attempt back, or spread out.
         self._refill_timer: asyncio.TimerHandle | None = None
-        # Due at the earliest deadline among the waiters: one timer per pool, not per wait;
-        # there only while someone waits (_forget_waiter cancels it with the last one).
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        # When waiters give up: the manager's, shared by its pools (one timer in all).
+        self._deadlines = deadlines
+        self._spawn = spawn  # the manager's supervisor starts (and close() awaits) its tasks
         self._generation = 0  # bumped by expire()
         self.checkouts = 0
         self.last_used = time.monotonic()
@@ -241,12 +290,6 @@ class Pool:
     @property
     def backing_off(self) -> bool:
         return self._backoff.backing_off
-
-    def oldest_wait(self, now: float) -> float:
-        """Seconds the oldest queued checkout has waited (loop time), 0.0 if none."""
-        for waiter in self._waiters:
-            return now - waiter.since
-        return 0.0
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -343,68 +386,37 @@ class Pool:
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state, deadline, tenant)
+        waiter = _Waiter(self, state, tenant)
         self._waiters[waiter] = None
+        self._counters.waiting += 1
         self._turns.setdefault(tenant, {})[waiter] = None
+        self._deadlines.add(deadline, waiter)
         self._dispatch()
-        timer = self._expiry_timer
-        if not waiter.future.done() and (timer is None or timer.when() > deadline):
-            if timer is not None:
-                timer.cancel()
-            self._expiry_timer = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
-            # The waiter's deadline is enforced by _expire, which fails it with PoolTimeout.
-            granted = await waiter.future
+            # Its deadline is kept by the manager's Deadlines, which fails it with PoolTimeout.
+            return await waiter.future
         except BaseException:
             self._abandon(waiter)
             raise
-        if isinstance(granted, PooledConnection):
-            return granted
-        return await self._claim(granted, deadline)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a wait that ended without its result being used."""
         future = waiter.future
         if future.done() and not future.cancelled() and future.exception() is None:
-            granted = future.result()
-            if isinstance(granted, PooledConnection):
-                self._in_use.discard(granted)
-                self._make_idle(granted)
-            elif granted.done():
-                self._adopt(granted)
-            else:
-                granted.add_done_callback(self._adopt)
+            conn = future.result()
+            self._give_back(conn)
+            self._make_idle(conn)
             return
         future.cancel()
-        if waiter in self._waiters:
+        if waiter.waiting:
             self._forget_waiter(waiter)
             self._dispatch()
 
-    def _expire(self) -> None:
-        """Fail the waiters whose deadline has passed; re-arm for the earliest one left.
-
-        Waiters of a pool share one ``acquire_timeout``, so deadlines mostly follow arrival
-        order and the timer fires about once per timeout, whatever the checkout rate.
-        """
-        self._expiry_timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        earliest: float | None = None
-        expired = False
-        for waiter in list(self._waiters):
-            if waiter.future.done():
-                continue
-            if waiter.deadline <= now:
-                self._forget_waiter(waiter)
-                waiter.future.set_exception(self._timed_out())
-                expired = True
-            elif earliest is None or waiter.deadline < earliest:
-                earliest = waiter.deadline
-        if earliest is not None and not self._closed:
-            self._expiry_timer = loop.call_at(earliest, self._expire)
-        if expired:
-            # A waiter gone from the capacity's queue can let one behind it proceed.
-            self._dispatch()
+    def _time_out(self, waiter: _Waiter) -> None:
+        self._forget_waiter(waiter)
+        waiter.future.set_exception(self._timed_out())
+        # A waiter gone from the capacity's queue can let one behind it proceed.
+        self._dispatch()
 
     def _timed_out(self) -> PoolTimeout:
         self._counters.timeouts += 1
@@ -429,93 +441,102 @@ class Pool:
             retry_after=retry_after,
         )
 
-    async def _claim(
-        self, task: asyncio.Task[PooledConnection], deadline: float
-    ) -> PooledConnection:
-        try:
-            async with asyncio.timeout_at(deadline):
-                # Shielded: a caller that gives up leaves the connect running, and the pool
-                # keeps what it opens instead of leaking a half-open connection.
-                conn = await asyncio.shield(task)
-        except BaseException as exc:
-            if task.done():
-                self._adopt(task)
-            else:
-                task.add_done_callback(self._adopt)
-            if isinstance(exc, TimeoutError) and not isinstance(exc, TenantPoolError):
-                raise self._timed_out() from None
-            raise
-        self._opening -= 1
-        self._in_use.add(conn)
-        return conn
+    def _granted(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
+        """A slot was granted for ``waiter``: open a connection in it (after closing a stolen
+        ``victim``). The waiter keeps its place; the connection, once open, goes to whoever
+        waits first then, so a checkout never waits out a slow connect while connections
+        of its pool come back."""
+        if waiter.queued:
+            waiter.queued = False
+            self._pending -= 1
+        self._grow(victim)
 
-    def _adopt(self, task: asyncio.Task[PooledConnection]) -> None:
-        """Keep a connection whose opener gave up waiting for it."""
-        if not task.cancelled() and task.exception() is None:
-            self._opening -= 1
-            self._make_idle(task.result())
-
-    def _start_open(self, waiter: _Waiter, victim: PooledConnection | None) -> None:
-        """Hand ``waiter`` a slot: it gets the task opening its connection."""
-        self._forget_waiter(waiter, served=True)
+    def _grow(self, victim: PooledConnection | None = None) -> None:
+        """Open a connection in a slot already taken, and file it as free once open."""
         self._opening += 1
-        task = asyncio.get_running_loop().create_task(self._open(victim))
+        # Admitted now, not when the task runs: while a probe is in flight, later checkouts
+        # are turned away at once instead of each starting an open the backoff then refuses.
+        admission = self._backoff.admit(time.monotonic())
+        task = self._spawn(self._open(victim, admission))
         self._track(task)
-        waiter.future.set_result(task)
+        self._opens[task] = time.monotonic()
+        task.add_done_callback(self._opens.pop)
 
-    async def _open(self, victim: PooledConnection | None = None) -> PooledConnection:
-        """Open a connection in a slot already counted in ``_opening``.
+    async def _open(self, victim: PooledConnection | None, admission: Admission) -> None:
+        """Open a connection in a slot counted in ``_opening``; file it as free once open.
 
-        A stolen ``victim`` is closed first, so the server never sees more than the cap. The
-        connection stays counted in ``_opening`` until its opener claims it.
+        A stolen ``victim`` is closed first, so the server never sees more than the cap. A
+        failure frees the slot; a failed connect fails the pool's waiters (the backoff's).
         """
-        admission: Admission | None = None
         generation = self._generation
+        raw: asyncpg.Connection | None = None
         try:
-            if victim is not None:
-                await _close_gracefully(victim.raw, self.settings.connect_timeout)
-            if self._closed:
-                raise ManagerClosed("the manager is closed")
-            admission = self._backoff.admit(time.monotonic())
-            if admission is Admission.REJECT:
-                raise self._unavailable(self._backoff.retry_after(time.monotonic()))
-            raw = await self._connect()
-        except BaseException as exc:
-            self._opening -= 1
-            if admission is Admission.OPEN or admission is Admission.PROBE:
-                if isinstance(exc, Exception):
+            if victim is not None and not await _close_gracefully(
+                victim.raw, self.settings.connect_timeout
+            ):
+                # Cut off: its backend may outlive it a while (see _hold_slot).
+                await asyncio.sleep(self.settings.connect_timeout)
+            if not self._closed and admission is not Admission.REJECT:
+                try:
+                    raw = await self._connect()
+                except InitFailed as exc:
+                    self._reached()  # the server answered; init is the application's
+                    self._init_failed(exc.cause)
+                except Exception as exc:
                     self._connect_failed(exc)
-                elif admission is Admission.PROBE:
-                    self._backoff.probe_abandoned()
-            self._slot_freed()
-            self._refill_when_allowed()
-            if isinstance(exc, TenantPoolError):
-                raise
-            if self._closed:
-                # close() cancels this task: the caller must see why, not a stray cancellation.
-                raise ManagerClosed("the manager is closed") from None
-            if isinstance(exc, Exception):
-                raise self._unavailable(self._backoff.retry_after(time.monotonic())) from exc
+                    admission = Admission.REJECT  # reported: nothing left to abandon
+                else:
+                    self._reached()
+        except BaseException:
+            self._gave_up(admission)
             raise
-        self._backoff.succeeded()
-        if self._closed:
-            self._opening -= 1
-            raw.terminate()
-            self._slot_freed()
-            raise ManagerClosed("the manager is closed")
+        if raw is None or self._closed:
+            if raw is not None:
+                raw.terminate()
+            self._gave_up(admission)
+            return
         if admission is Admission.PROBE:
             self._cancel_refill_timer()
             # The target is back: the rest of min_size need not wait for the next tick.
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        return PooledConnection(raw, self.settings, self._lifetime_draw(), generation)
+        self._opening -= 1
+        self._make_idle(PooledConnection(raw, self.settings, self._lifetime_draw(), generation))
+
+    def _reached(self) -> None:
+        """A connect got through: the target is up, for every caller."""
+        self._backoff.succeeded()
+        self._counters.failing.pop(self.name, None)
+
+    def _gave_up(self, admission: Admission) -> None:
+        """An open ended without a connection: its slot goes back."""
+        self._opening -= 1
+        if admission is Admission.PROBE and self._backoff.probing:
+            self._backoff.probe_abandoned()  # cut short before it knew (cancelled, closed)
+        self._slot_freed()
+        self._refill_when_allowed()
+
+    def _init_failed(self, cause: Exception) -> None:
+        """Report an ``init`` failure to the checkout whose turn it is (the others' turns
+        open again): a bug in a callback is an error to show, not an outage to wait out."""
+        text = self._scrub(cause) or "no message"
+        error = TenantPoolError(
+            f"the init callback failed on a new connection of {self.name}:"
+            f" {type(cause).__name__}: {text}"
+        )
+        logger.error("tenantpool: %s", error)
+        for waiter in self._fair_order(1):
+            self._forget_waiter(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
 
     def _connect_failed(self, exc: Exception) -> None:
         self._counters.connect_errors += 1
         self._last_error = f"{type(exc).__name__}: {self._scrub(exc)}"
         failures = self._backoff.failures
         delay = self._backoff.failed(time.monotonic())
+        self._counters.failing[self.name] = None
         if self._backoff.failures != failures:
             logger.warning(
                 "tenantpool: cannot connect to %s (%s); attempt %d, next in %.2f s",
@@ -541,12 +562,14 @@ class Pool:
             else:
                 conn = self._idle.popitem()[0]
                 self._unindex(conn)
+            self._counters.idle -= 1
             self._capacity.not_idle(conn)
             if conn.raw.is_closed():
                 logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
                 self._discard(conn)
                 continue
             self._in_use.add(conn)
+            self._counters.in_use += 1
             self.last_used = time.monotonic()
             return conn
         return None
@@ -562,6 +585,7 @@ class Pool:
     def _evict(self, conn: PooledConnection) -> None:
         """Take an idle connection out of the pool (the capacity has already forgotten it)."""
         del self._idle[conn]
+        self._counters.idle -= 1
         self._unindex(conn)
 
     def _remove_idle(self, conn: PooledConnection) -> None:
@@ -570,13 +594,18 @@ class Pool:
 
     # -- release -----------------------------------------------------------------------------
 
+    def _give_back(self, conn: PooledConnection) -> None:
+        if conn in self._in_use:
+            self._in_use.remove(conn)
+            self._counters.in_use -= 1
+
     def release(self, conn: PooledConnection, *, dirty: bool) -> None:
         """Give a connection back; synchronous so that no cancellation can interrupt it.
 
         ``dirty`` says user code may have touched the session: it is then reset in the
         background and is not handed to anyone until that is done.
         """
-        self._in_use.discard(conn)
+        self._give_back(conn)
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
@@ -688,7 +717,7 @@ class Pool:
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
         self._aside[conn] = time.monotonic()
-        self._track(asyncio.get_running_loop().create_task(self._tend(conn, work)))
+        self._track(self._spawn(self._tend(conn, work)))
 
     async def _tend(
         self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
@@ -720,11 +749,13 @@ class Pool:
             self._discard(conn)
             return
         self._idle[conn] = None
+        self._counters.idle += 1
         self._idle_by_state.setdefault(conn.applied, {})[conn] = None
         if self._waiters:
             passed = self._capacity.pass_on(conn, self)
             if passed is not None:  # over its fair share at the cap: another tenant's turn
                 carry_out(self._capacity, passed)
+                self._dispatch()  # its waiters counted on this one: they ask for a slot
                 return
             self._dispatch()
             if conn not in self._idle:
@@ -738,20 +769,47 @@ class Pool:
         server never sees more connections than the cap.
         """
         if conn.raw.is_closed():
-            self._slot_freed()
+            if conn.cut_off:
+                self._closing += 1
+                self._hold_slot()
+            else:
+                self._slot_freed()
             return
         self._closing += 1
-        task = asyncio.get_running_loop().create_task(self._close(conn.raw))
+        task = self._spawn(self._close(conn.raw))
         self._track(task)
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
+        if self._waiters:
+            self._dispatch()  # a waiter may have counted on it coming back
 
     async def _close(self, raw: asyncpg.Connection) -> None:
+        polite = False
         try:
-            await _close_gracefully(raw, self.settings.connect_timeout)
+            polite = await _close_gracefully(raw, self.settings.connect_timeout)
         finally:
+            if polite:
+                self._closing -= 1
+                self._slot_freed()
+            else:
+                self._hold_slot()
+
+    def _hold_slot(self) -> None:
+        """Keep the slot of a connection cut off (terminated, not closed politely), counted
+        in ``_closing``, for ``connect_timeout``: its backend may live on until it notices
+        (a query still running, a server slow to answer), and the server must never see more
+        connections than the cap. Bounded, since tenantpool cannot watch the backend go."""
+        if self._closed:
             self._closing -= 1
             self._slot_freed()
+            return
+        loop = asyncio.get_running_loop()
+        self._held.append(loop.call_later(self.settings.connect_timeout, self._slot_released))
+
+    def _slot_released(self) -> None:
+        self._held.popleft().cancel()  # timers of one delay fire in order: this one
+        self._closing -= 1
+        self._slot_freed()
 
     def _slot_freed(self) -> None:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
@@ -761,8 +819,11 @@ class Pool:
             self._drained.set()
 
     def _forget_waiter(self, waiter: _Waiter, *, served: bool = False) -> None:
-        if waiter in self._waiters:
+        if waiter.waiting:
+            waiter.waiting = False
             del self._waiters[waiter]
+            self._counters.waiting -= 1
+            self._deadlines.left()
             tenant = waiter.tenant
             turn = self._turns[tenant]
             del turn[waiter]
@@ -770,11 +831,6 @@ class Pool:
                 del self._turns[tenant]
             elif served:
                 self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
-            if not self._waiters and self._expiry_timer is not None:
-                # Nobody left to time out; a pending timer would also keep a forgotten pool
-                # alive until it fired.
-                self._expiry_timer.cancel()
-                self._expiry_timer = None
         if waiter.queued:
             waiter.queued = False
             self._pending -= 1
@@ -816,29 +872,48 @@ class Pool:
         return order
 
     def _dispatch_once(self) -> None:
+        """Hand idle connections to waiters in their turn; then open for those left over, but
+        only as many as will not be served by what is already coming their way."""
+        while self._idle and self._waiters:
+            for waiter in self._fair_order(len(self._idle)):
+                if waiter.future.done():
+                    self._forget_waiter(waiter)
+                    continue
+                conn = self._take_idle(waiter.state)
+                if conn is None:
+                    break  # the last idle ones were dead
+                self._forget_waiter(waiter, served=True)
+                waiter.future.set_result(conn)
         if not self._waiters:
             return
-        max_size = self.settings.max_size
-        # Past this many, every waiter is either queued at the capacity or has no room.
-        for waiter in self._fair_order(len(self._idle) + max_size + 1):
+        # Coming back from a reset or a ping (a round trip), being opened, or queued for a
+        # slot: each will serve the first waiter left when it is ready, so a checkout waits
+        # for its pool's own connection rather than opening (or, at the cap, stealing another
+        # tenant's warm one at the price of a connect).
+        deficit = len(self._waiters) - len(self._aside) - self._opening - self._pending
+        if self._in_use or self._aside:
+            # Connections are out and come back within a query or two: grow by a step at a
+            # time, so that a burst the pool clears in milliseconds does not leave it at
+            # max_size, every new connection serving whoever is first when it is ready.
+            deficit = min(deficit, _GROWTH_STEP - self._opening - self._pending)
+        room = self.settings.max_size - self.size - self._pending
+        deficit = min(deficit, room)
+        if deficit <= 0:
+            return
+        for waiter in self._fair_order(self._pending + deficit + 1):
+            if deficit <= 0:
+                break
             if waiter.future.done():
                 self._forget_waiter(waiter)
                 continue
-            if self._idle:
-                conn = self._take_idle(waiter.state)
-                if conn is not None:
-                    self._forget_waiter(waiter, served=True)
-                    waiter.future.set_result(conn)
-                    continue
             if waiter.queued:
                 continue
-            if self.size + self._pending >= max_size:
-                break
             retry_after = self._rejecting()
             if retry_after is not None:
                 self._forget_waiter(waiter)
                 waiter.future.set_exception(self._unavailable(retry_after))
                 continue
+            deficit -= 1
             decision = self._capacity.request(waiter, self)
             if decision is None:
                 waiter.queued = True
@@ -862,7 +937,12 @@ class Pool:
     def needs_upkeep(self) -> bool:
         """Whether any duty has something to do: they look at idle and set-aside connections,
         but refill. Lets a sweep over many thousands of empty pools stay cheap."""
-        return bool(self._idle) or bool(self._aside) or self.size < self.settings.min_size
+        return (
+            bool(self._idle)
+            or bool(self._aside)
+            or bool(self._opens)
+            or self.size < self.settings.min_size
+        )
 
     def reap(self, now: float) -> None:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
@@ -897,14 +977,27 @@ class Pool:
                 self._set_aside(conn, self._ping)
 
     def watchdog(self, now: float) -> None:
-        """Terminate connections whose reset or ping has run past ``connect_timeout``.
+        """Terminate connections whose reset or ping has run past ``connect_timeout``, and
+        cancel opens past their budget.
 
         A server that stops answering must not keep them set aside forever; terminated, the
-        work fails and the connection is discarded, which frees its slot.
+        work fails and the connection is discarded, which frees its slot. An open is bounded
+        by its own deadline (connect and init share ``connect_timeout``, a stolen connection's
+        close has as much): one still running past both, say in an ``init`` that ignores
+        cancellation, is cancelled again, and its slot comes back when it ends.
         """
         limit = self.settings.connect_timeout
+        for task, began in list(self._opens.items()):
+            if now - began > 2 * limit:
+                logger.warning(
+                    "tenantpool: cancelling an open of %s: it took over %.1f s",
+                    self.name,
+                    2 * limit,
+                )
+                task.cancel()
         for conn, since in list(self._aside.items()):
             if now - since > limit and not conn.raw.is_closed():
+                conn.cut_off = True
                 logger.warning(
                     "tenantpool: terminating a connection of %s: its reset or ping took over"
                     " %.1f s",
@@ -929,8 +1022,7 @@ class Pool:
             missing = 1
         while missing > 0 and self._capacity.take():
             missing -= 1
-            self._opening += 1
-            self._track(asyncio.get_running_loop().create_task(self._refill_one()))
+            self._grow()
 
     def upkeep_refill(self) -> None:
         """The background task's refill: at a random moment before the next tick.
@@ -988,14 +1080,6 @@ class Pool:
             self._refill_timer.cancel()
             self._refill_timer = None
 
-    async def _refill_one(self) -> None:
-        try:
-            conn = await self._open()
-        except (TenantPoolError, asyncio.CancelledError):
-            return  # counted and logged by _open; the backoff decides when to try again
-        self._opening -= 1
-        self._make_idle(conn)
-
     def forgettable(self, now: float, after: float) -> bool:
         """Whether the pool holds nothing and has been unused for ``after`` seconds."""
         return (
@@ -1028,7 +1112,8 @@ class Pool:
         """Refuse new checkouts and fail the waiting ones (synchronous, idempotent)."""
         self._closed = True
         self._cancel_refill_timer()
-        # Forgetting the last waiter also cancels the expiry timer.
+        while self._held:  # nobody will open in those slots any more
+            self._slot_released()
         for waiter in list(self._waiters):
             self._forget_waiter(waiter)
             if not waiter.future.done():
@@ -1056,17 +1141,24 @@ class Pool:
         # Polite closes get their own budget; opens are cut short.
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=grace)
+        # Whatever these start on their way out is the manager's supervisor's to end.
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
 
-async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> None:
-    """Close ``raw`` politely (the server ends the backend), forcibly if that fails."""
+async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> bool:
+    """Close ``raw`` politely (the server ends the backend), forcibly if that fails.
+
+    Whether the server saw it through; if not, its backend may live on a while.
+    """
+    polite = False
     try:
         with contextlib.suppress(Exception):
             await raw.close(timeout=budget)
+            polite = True
     finally:
         if not raw.is_closed():
             raw.terminate()
+    return polite

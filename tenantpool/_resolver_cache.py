@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from ._errors import PoolTimeout, UnknownTenant
 from ._settings import Target
@@ -30,10 +31,15 @@ _TIMEOUT_RETRY_AFTER = 1.0
 class ResolverCache:
     """Resolved targets by tenant id, with their expiry, and the lookups in flight."""
 
-    __slots__ = ("_clock", "_entries", "_inflight", "_resolver", "_ttl", "_unknown_ttl")
+    __slots__ = ("_clock", "_entries", "_inflight", "_resolver", "_spawn", "_ttl", "_unknown_ttl")
 
     def __init__(
-        self, resolver: TenantResolver, ttl: float, *, clock: Callable[[], float] = time.monotonic
+        self,
+        resolver: TenantResolver,
+        ttl: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        spawn: Callable[[Coroutine[Any, Any, Target]], asyncio.Task[Target]] | None = None,
     ) -> None:
         if not ttl >= 0:
             raise ValueError(f"resolver_ttl must be >= 0, got {ttl}")
@@ -41,6 +47,8 @@ class ResolverCache:
         self._ttl = ttl if not resolver.is_mapping else 0.0
         self._unknown_ttl = min(ttl, UNKNOWN_TTL)
         self._clock = clock
+        # Lookups run in tasks of the manager's supervisor, so that close() awaits them.
+        self._spawn = spawn if spawn is not None else _create_task
         # tenant -> (expires at, its Target or None for unknown)
         self._entries: dict[str, tuple[float, Target | None]] = {}
         self._inflight: dict[str, asyncio.Task[Target]] = {}
@@ -72,7 +80,7 @@ class ResolverCache:
             del self._entries[tenant]
         task = self._inflight.get(tenant)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._lookup(tenant))
+            task = self._spawn(self._lookup(tenant))
             self._inflight[tenant] = task
         # Shielded: a caller that gives up must not cancel the lookup others wait on.
         if patience is None:
@@ -130,3 +138,7 @@ async def _within(lookup: Awaitable[Target], tenant: str, patience: float) -> Ta
             " (acquire_timeout)",
             retry_after=_TIMEOUT_RETRY_AFTER,
         ) from None
+
+
+def _create_task(coro: Coroutine[Any, Any, Target]) -> asyncio.Task[Target]:
+    return asyncio.get_running_loop().create_task(coro)

@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["WAIT_BUCKETS", "Counters", "ManagerStats", "PoolStats", "WaitTimes"]
+__all__ = ["WAIT_BUCKETS", "Counters", "ManagerStats", "PoolStats", "Totals", "WaitTimes"]
 
 # Upper bounds (seconds) of the checkout wait histogram, Prometheus' default ladder.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -52,6 +52,18 @@ class PoolStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Totals:
+    """What every pool of a manager holds right now, from running figures (no per-pool pass)."""
+
+    targets: int  # pools the manager knows
+    total: int
+    in_use: int
+    idle: int
+    waiting: int
+    max_total: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class WaitTimes:
     """A histogram of checkout wait times, cumulative as Prometheus expects.
 
@@ -86,20 +98,31 @@ class ManagerStats:
 
 
 class Counters:
-    """Running totals shared by a manager's pools; mutated in place, snapshotted on demand."""
+    """Running totals and current figures shared by a manager's pools; mutated in place,
+    snapshotted on demand."""
 
     __slots__ = (
         "_slow",
         "checkouts",
         "connect_errors",
+        "failing",
+        "idle",
+        "in_use",
         "recycles",
         "steals",
         "timeouts",
         "wait_count",
         "wait_sum",
+        "waiting",
     )
 
     def __init__(self) -> None:
+        # What every pool holds right now, kept as the pools change, so that the totals of
+        # stats() and health() cost the same with ten thousand pools as with one.
+        self.in_use = 0
+        self.idle = 0
+        self.waiting = 0
+        self.failing: dict[str, None] = {}  # names of the pools backing off, in order
         self.checkouts = 0
         self.timeouts = 0
         self.steals = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 
 from starlette.types import Scope
@@ -46,7 +46,7 @@ async def end_scope(opened: _ScopeContext, exc: BaseException | None) -> None:
 class RequestTenant:
     """What ``TenantMiddleware`` found for one request: the tenant id (or none), and where."""
 
-    __slots__ = ("_held", "eager", "manager", "resolved", "source", "tenant")
+    __slots__ = ("_before_commit", "_held", "eager", "manager", "resolved", "source", "tenant")
 
     def __init__(self, tenant: str | None, source: str, manager: TenantPoolManager | None) -> None:
         self.tenant = tenant
@@ -58,6 +58,9 @@ class RequestTenant:
         self._held: tuple[_ScopeContext, TenantConnection] | None = None
         # The scope the middleware opened before the application ran (eager mode).
         self.eager: _ScopeContext | None = None
+        # What must end before the request's transaction commits (tenantpool.sqlalchemy's
+        # sessions, whose savepoints the commit would take along).
+        self._before_commit: list[Callable[[], Awaitable[None]]] = []
 
     async def connection(self, manager: TenantPoolManager) -> TenantConnection:
         """The request's connection, checked out on first use and held until ``release``."""
@@ -83,9 +86,16 @@ class RequestTenant:
     async def commit_before_response(self) -> None:
         """Per transaction, commit what the request did so far: its response is about to say
         it was done. Per session, or with no scope open, nothing happens."""
+        callbacks, self._before_commit = self._before_commit, []
+        for callback in callbacks:
+            await callback()
         for opened in (self.eager, self._held[0] if self._held is not None else None):
             if opened is not None:
                 await opened.commit_and_continue()
+
+    def before_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` when the response starts, before the request's transaction commits."""
+        self._before_commit.append(callback)
 
     def require_tenant(self) -> str:
         if self.tenant is None:
