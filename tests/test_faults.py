@@ -136,7 +136,7 @@ async def test_a_checkout_waiting_behind_a_black_holed_holder_times_out_and_noth
             try:
                 async with manager.with_connection("acme") as conn:
                     holding.set()
-                    await conn.fetchval("SELECT pg_sleep(0.2)", timeout=5)
+                    await conn.fetchval("SELECT pg_sleep(0.2)", timeout=2)
             except CLEAN_ERRORS as exc:
                 errors.append(exc)
 
