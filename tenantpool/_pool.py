@@ -690,6 +690,12 @@ class Pool:
     async def _clean(self, conn: PooledConnection, state: SessionState) -> None:
         """One round trip (two if user code left SQL prepared statements): clean, ``state`` set."""
         raw = conn.raw
+        if not conn.guard_ready:
+            # The first reset prepares the guard afresh, so it cannot tell whether user code
+            # wiped the connection's statements (DEALLOCATE ALL, DISCARD ALL); asyncpg's cached
+            # ones may be gone, so it prepares them again. Later wipes take the guard along,
+            # and that reset fails instead.
+            _session.drop_statement_caches(raw)
         for deallocate in (False, True):
             script = _session.reset_script(
                 state,
@@ -1125,7 +1131,10 @@ class Pool:
         for conn in list(self._idle):
             self._remove_idle(conn)
             self._discard(conn)
-        self._drained = drained = asyncio.Event()
+        # Shared by every close() of the pool: each waits for the same drain.
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        drained = self._drained
         if self._in_use or self._aside:
             try:
                 async with asyncio.timeout(grace):
@@ -1136,8 +1145,15 @@ class Pool:
                     len(self._in_use),
                     self.name,
                 )
+        # The server notices a closed socket only when it next writes: a query it is running
+        # would go on for as long as it takes, so each is cancelled too.
+        cancels = []
         for conn in list(self._in_use):
+            cancels.append(_session.canceller(conn.raw))
             conn.raw.terminate()
+        if cancels:
+            budget = self.settings.connect_timeout
+            await asyncio.gather(*(cancel(budget) for cancel in cancels))
         # Polite closes get their own budget; opens are cut short.
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=grace)

@@ -17,13 +17,17 @@ scope's commit or rollback is all the cleaning there is.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import secrets
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from asyncpg import connect_utils
 
 from ._errors import TenantPoolError
 from ._settings import SessionState
@@ -36,6 +40,8 @@ __all__ = [
     "baseline_of",
     "begin",
     "begin_script",
+    "canceller",
+    "drop_statement_caches",
     "forget_client_state",
     "quote_literal",
     "reset_script",
@@ -242,6 +248,47 @@ def use_statement_cache(raw: asyncpg.Connection, state: SessionState) -> None:
     while len(caches) > _MAX_CACHES:
         oldest = next(iter(caches))
         caches.pop(oldest).clear()
+
+
+def drop_statement_caches(raw: asyncpg.Connection) -> None:
+    """Forget every statement asyncpg cached on ``raw``, of every search_path: each is prepared
+    again on its next use (and closed on the server, which is harmless if already gone)."""
+    con: Any = raw
+    for cache in list(_caches.get(raw, {}).values()):
+        cache.clear()
+    con._stmt_cache.clear()
+
+
+def canceller(raw: asyncpg.Connection) -> Callable[[float], Awaitable[None]]:
+    """What cancels the query ``raw``'s backend runs, still usable once ``raw`` is terminated.
+
+    Terminating the socket alone leaves the server running the query until it next writes.
+    This sends the CancelRequest asyncpg sends when a query's task is cancelled, over a
+    connection of its own; the backend's key is taken now, while ``raw`` still has it.
+    """
+    con: Any = raw
+    protocol = con._protocol
+    if protocol is None:
+        return _nothing_to_cancel
+    key = {
+        "addr": con._addr,
+        "params": con._params,
+        "backend_pid": protocol.backend_pid,
+        "backend_secret": protocol.backend_secret,
+    }
+
+    async def cancel(budget: float) -> None:
+        # A server that does not answer in time, or refuses: nothing more can be done.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(budget):
+                send: Any = connect_utils._cancel  # type: ignore[attr-defined]
+                await send(loop=asyncio.get_running_loop(), **key)
+
+    return cancel
+
+
+async def _nothing_to_cancel(budget: float) -> None:
+    return None
 
 
 def _watch(raw: asyncpg.Connection, cache: Any) -> None:

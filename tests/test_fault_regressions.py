@@ -1,7 +1,8 @@
 """Issue 14's seven faults, each reproduced against the real server.
 
-Items 1, 2, 3 and 6 live in the pool's core; until it is fixed their tests are strict xfails,
-which document the defect and turn into failures (to be unmarked) once it is gone.
+Item 6 lives in asyncpg's protocol state, which offers no cheap look from outside; until it
+is fixed its test is a strict xfail, which documents the defect and turns into a failure (to
+be unmarked) once it is gone.
 """
 
 from __future__ import annotations
@@ -46,11 +47,6 @@ async def backends(pg: PostgresCluster, role: str, state: str | None = None) -> 
 # --------------------------------------------------------------------------- 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 item 1: a wipe of prepared statements in a connection's first dirty scope"
-    " goes unnoticed and the connection is kept",
-)
 @pytest.mark.parametrize("wipe", ["DEALLOCATE ALL", "DISCARD ALL"])
 async def test_a_wipe_of_prepared_statements_in_the_first_scope_does_not_poison_the_connection(
     pg: PostgresCluster, wipe: str
@@ -68,11 +64,6 @@ async def test_a_wipe_of_prepared_statements_in_the_first_scope_does_not_poison_
 # --------------------------------------------------------------------------- 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 item 2: close() terminates the sockets of scopes mid-query but leaves"
-    " their queries running on the server",
-)
 async def test_close_with_scopes_mid_query_leaves_no_query_running_on_the_server(
     pg: PostgresCluster, login: tuple[str, str]
 ) -> None:
@@ -126,11 +117,6 @@ async def gone(count: Awaitable[int]) -> bool:
 # --------------------------------------------------------------------------- 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 item 3: a second close() replaces the pool's drained event and the first"
-    " caller waits the whole close_timeout",
-)
 async def test_two_close_calls_at_once_both_return_when_the_pool_is_drained(
     pg: PostgresCluster,
 ) -> None:
