@@ -129,10 +129,13 @@ class ResolverCache:
 
 
 async def _within(lookup: Awaitable[Target], tenant: str, patience: float) -> Target:
+    deadline = asyncio.timeout(patience)
     try:
-        async with asyncio.timeout(patience):
+        async with deadline:
             return await lookup
     except TimeoutError:
+        if not deadline.expired():
+            raise  # the resolver's own timeout, not ours: its error, as it raised it
         raise PoolTimeout(
             f"the resolver did not answer for tenant {tenant!r} within {patience:.2f} sec"
             " (acquire_timeout)",

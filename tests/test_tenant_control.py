@@ -284,3 +284,17 @@ async def test_expire_after_a_password_rotation_moves_the_tenant_to_its_new_cred
         await drained(manager)
         sizes = sorted(p.size for p in manager.stats().pools.values())
         assert sizes == [0, 1]  # the old pool holds nothing, the new one its connection
+
+
+@pytest.mark.parametrize("ttl", [0.0, 60.0])
+async def test_a_resolvers_own_timeout_is_its_error_not_a_pool_timeout(
+    pg: PostgresCluster, ttl: float
+) -> None:
+    async def resolver(tenant: str) -> Target:
+        raise TimeoutError("the registry's query timed out")
+
+    async with TenantPoolManager(resolver, resolver_ttl=ttl) as manager:
+        with pytest.raises(TimeoutError, match="registry") as info:
+            async with manager.with_connection("acme"):
+                pass
+        assert not isinstance(info.value, PoolTimeout)
