@@ -35,12 +35,20 @@ from ._harness import (
     ratio,
     table,
 )
-from .http import CONNECTIONS, UVICORN, WRK_SCRIPT, load, plot, server
+from .http import (
+    CONNECTIONS,
+    NOTES_PER_TENANT,
+    UVICORN,
+    WRK_SCRIPT,
+    check_rows,
+    load,
+    plot,
+    server,
+)
 
 TITLE = "10. SQLAlchemy: an ORM select in FastAPI, plain SQLAlchemy vs. tenantpool's TenantSession"
 
 TENANTS = [f"tenant{i}" for i in range(64)]
-NOTES_PER_TENANT = 5
 POOL_SIZE = 10
 PLAIN = "plain SQLAlchemy: engine pool + set_config(..., true) per transaction"
 TENANTPOOL = "tenantpool, TenantSession"
@@ -103,21 +111,10 @@ def setup(ctx: Context, names: list[str]) -> Iterator[tuple[str, dict[str, tuple
             pg.drop_role_sync(role)
 
 
-def expected_notes(tenant: str) -> list[dict[str, Any]]:
-    start = TENANTS.index(tenant) * NOTES_PER_TENANT + 1
-    return [
-        {"id": i, "tenant": tenant, "body": f"note {i} of {tenant}"}
-        for i in range(start, start + NOTES_PER_TENANT)
-    ]
-
-
 def check(name: str, url: str) -> None:
     """Refuse to measure an endpoint that serves any tenant the wrong rows."""
     with httpx.Client(base_url=url, timeout=5) as client:
-        for tenant in TENANTS:
-            got = client.get("/notes", headers={"X-Tenant-ID": tenant})
-            if got.status_code != 200 or got.json() != expected_notes(tenant):
-                raise AssertionError(f"{name}: {tenant} got {got.status_code} {got.text[:200]}")
+        check_rows(client, name, TENANTS)
 
 
 async def measured(
