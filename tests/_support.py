@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import anyio
 import asyncpg
+from _postgres import PostgresCluster
 
 from tenantpool import TenantPoolManager
 
@@ -140,3 +141,13 @@ async def open_together(manager: TenantPoolManager, tenant: str, n: int) -> list
         for _ in range(n):
             tg.start_soon(hold)
     return pids
+
+
+async def server_connections(pg: PostgresCluster, user: str) -> int:
+    """Backends the server holds for ``user``, the asking connection left out."""
+    return int(
+        await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+            user,
+        )
+    )

@@ -5,24 +5,12 @@ from __future__ import annotations
 import anyio
 import asyncpg
 import pytest
-from _postgres import PostgresCluster, unique_name
-from _support import drained, tenant_dsn, until
+from _postgres import PostgresCluster
+from _support import drained, server_connections, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def login(pg: PostgresCluster) -> tuple[str, str]:
-    """A fresh login role, so server-side counts see only this test's pools."""
-    name = unique_name("login")
-    await pg.create_role(name, password="pw-" + name)
-    return name, "pw-" + name
-
-
-async def server_connections(pg: PostgresCluster, user: str) -> int:
-    return int(await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", user))
 
 
 async def test_sequential_checkouts_reuse_one_connection(

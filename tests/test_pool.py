@@ -10,7 +10,7 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 from _postgres import PostgresCluster, unique_name
-from _support import drained, until
+from _support import drained, server_connections, until
 
 from tenantpool import (
     ManagerClosed,
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.anyio
 
 def shared(dsn: str, *tenants: str, pool: PoolSettings | None = None) -> dict[str, Target]:
     return {t: Target(dsn, settings={"app.tenant_id": t}, pool=pool) for t in tenants}
-
-
-async def server_connections(pg: PostgresCluster, user: str) -> int:
-    return int(
-        await pg.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
-            user,
-        )
-    )
 
 
 @pytest.fixture

@@ -6,22 +6,12 @@ import asyncio
 
 import anyio
 import pytest
-from _postgres import PostgresCluster, unique_name
+from _postgres import PostgresCluster
+from _support import server_connections
 
 from tenantpool import ManagerClosed, Target, TenantPoolManager
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def login(pg: PostgresCluster) -> tuple[str, str]:
-    name = unique_name("login")
-    await pg.create_role(name, password="pw-" + name)
-    return name, "pw-" + name
-
-
-async def backends(pg: PostgresCluster, user: str) -> int:
-    return int(await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", user))
 
 
 @pytest.mark.parametrize("resolver_ttl", [0.0, 60.0], ids=["uncached", "cached"])
@@ -52,7 +42,7 @@ async def test_a_checkout_inside_the_resolver_at_close_creates_no_pool(
             await task
     assert not manager._pools
     assert len(manager._supervisor) == 0
-    assert await backends(pg, login[0]) == 0
+    assert await server_connections(pg, login[0]) == 0
 
 
 async def test_close_leaves_no_task_of_the_manager_running(
@@ -71,5 +61,5 @@ async def test_close_leaves_no_task_of_the_manager_running(
         assert manager.stats().pools
     assert len(manager._supervisor) == 0
     with anyio.fail_after(10):  # the server ends a closed backend a moment later
-        while await backends(pg, login[0]):  # noqa: ASYNC110
+        while await server_connections(pg, login[0]):  # noqa: ASYNC110
             await anyio.sleep(0.01)
