@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -46,7 +46,7 @@ from ._settings import (
     redact_dsn,
     server_address,
 )
-from ._stats import Counters, ManagerStats, Totals
+from ._stats import Counters, ManagerStats, PoolFigures, Totals
 from ._supervisor import Supervisor
 from ._tenant import Resolver, TenantResolver, validate_tenant_id
 
@@ -361,7 +361,8 @@ class TenantPoolManager:
     def stats(self) -> ManagerStats:
         """Counts over every pool: total, in use, idle, waiting, per pool by name, counters.
 
-        The totals are running figures; only the per-pool snapshot passes over the pools.
+        The totals are running figures; ``pools`` passes over the pools when it is first read
+        (so stats() itself costs the same with ten thousand pools as with one).
         """
         counters = self._counters
         totals = self._totals()
@@ -371,7 +372,7 @@ class TenantPoolManager:
             idle=totals.idle,
             waiting=totals.waiting,
             max_total=totals.max_total,
-            pools=MappingProxyType({pool.name: pool.stats() for pool in self._pools.values()}),
+            pools=PoolFigures(list(self._pools.values())),
             checkouts=counters.checkouts,
             timeouts=counters.timeouts + self._quotas.timeouts,
             steals=counters.steals,

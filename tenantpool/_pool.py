@@ -1,16 +1,12 @@
 """One connection target's connections: who gets which, what is opened, reset and closed.
 
-Every state change is a synchronous method (``_take_idle``, ``_make_idle``, ``_discard``,
-``_dispatch``, ``_slot_freed``) that never awaits, so counts cannot be torn by a cancellation
-between two updates. The I/O — opening, resetting, pinging, closing — runs in tasks the pool owns,
-which call those methods when they finish. Release is synchronous too, so a caller cancelled in
-its ``finally`` cannot leak the connection.
-
-Waiters are served in their turn (round robin across tenants, first come first served within
-one) by whichever connection frees first: idle, back from its reset, or just opened, whoever it
-was opened for. A pool opens only for the waiters that what is already coming (connections being
-reset, opened or queued for at the cap) will not serve, so a checkout waits a round trip for its
-pool's own connection rather than opening one, or stealing another tenant's at the cap.
+Who gets which connection is decided by the pool's ``Dispatch``, a pure state machine (see
+``_dispatch``); this module is its I/O side. Every state change is a synchronous method
+(``_take_idle``, ``_make_idle``, ``_discard``, ``_serve_waiters``, ``_slot_freed``) that never
+awaits, so counts cannot be torn by a cancellation between two updates. The I/O — opening,
+resetting, pinging, closing — runs in tasks the pool owns, which call those methods when they
+finish. Release is synchronous too, so a caller cancelled in its ``finally`` cannot leak the
+connection.
 
 The pools of one manager share a ``Capacity`` (the cap across pools), a ``Deadlines`` (when
 queued checkouts give up), a ``Counters`` and the supervisor that spawns their tasks. A pool
@@ -28,7 +24,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from itertools import islice
 from typing import Any
 
 import asyncpg
@@ -37,6 +32,7 @@ from . import _session
 from ._backoff import Admission, Backoff
 from ._capacity import Capacity, Grant, Steal
 from ._deadlines import Deadlines
+from ._dispatch import Dispatch
 from ._errors import ManagerClosed, PoolTimeout, TenantPoolError, TenantUnavailable
 from ._settings import PoolSettings, SessionState
 from ._stats import Counters, PoolStats
@@ -122,18 +118,24 @@ class PooledConnection:
 class _Waiter:
     """A checkout waiting for a connection of its pool (or, queued, for a slot under the cap)."""
 
-    __slots__ = ("future", "pool", "queued", "since", "state", "tenant", "waiting")
+    __slots__ = ("future", "pool", "since", "waiting")
 
-    def __init__(self, pool: Pool, state: SessionState, tenant: str) -> None:
+    def __init__(self, pool: Pool) -> None:
         loop = asyncio.get_running_loop()
         # The result is a connection handed over: idle, back from its reset, or just opened.
         self.future: asyncio.Future[PooledConnection] = loop.create_future()
         self.pool = pool
-        self.state = state
-        self.tenant = tenant  # waiters are served round robin across tenants
-        self.queued = False  # in the capacity's queue: a slot granted to it opens a connection
         self.since = loop.time()
         self.waiting = True  # until served, failed or cancelled (the pool forgets it)
+
+
+def _still_waiting(waiter: _Waiter) -> bool:
+    # A cancelled checkout's future is done before its task runs again to say it left.
+    return not waiter.future.done()
+
+
+def _usable(conn: PooledConnection) -> bool:
+    return not conn.raw.is_closed()
 
 
 SharedCapacity = Capacity["Pool", PooledConnection, _Waiter]
@@ -162,7 +164,7 @@ def carry_out(
             waiter.pool._granted(waiter, victim)
             return
         # Chosen in the instant between its cancellation and its clean-up: pass it on.
-        waiter.pool._forget_waiter(waiter)
+        waiter.pool._leave(waiter)
         if isinstance(decision, Steal):
             decision = capacity.became_idle(decision.conn, decision.pool)
         else:
@@ -175,36 +177,28 @@ class Pool:
     # Slots: a service may hold a pool for every tenant seen lately, most of them idle.
     __slots__ = (
         "__weakref__",
-        "_aside",
         "_backoff",
         "_capacity",
         "_closed",
         "_closers",
-        "_closing",
         "_connect",
         "_counters",
         "_deadlines",
-        "_dispatch_again",
-        "_dispatching",
+        "_dispatch",
         "_drained",
         "_generation",
         "_held",
-        "_idle",
-        "_idle_by_state",
-        "_in_use",
         "_last_error",
         "_lifetime_draw",
         "_on_back",
-        "_opening",
         "_opens",
-        "_pending",
         "_refill_spread",
         "_refill_timer",
         "_secrets",
+        "_serve_again",
+        "_serving",
         "_spawn",
         "_tasks",
-        "_turns",
-        "_waiters",
         "checkouts",
         "last_used",
         "name",
@@ -243,28 +237,19 @@ class Pool:
         self._backoff = backoff
         self._lifetime_draw = lifetime_draw
         self._last_error = ""
-        # Idle connections in release order: popitem() gives the most recently used (LIFO),
-        # iteration starts at the least recently used.
-        self._idle: dict[PooledConnection, None] = {}
-        self._idle_by_state: dict[SessionState, dict[PooledConnection, None]] = {}
-        self._in_use: set[PooledConnection] = set()
-        self._opening = 0
+        self._dispatch: Dispatch[PooledConnection, _Waiter] = Dispatch(
+            settings.max_size,
+            counters,
+            usable=_usable,
+            waiting=_still_waiting,
+            growth_step=_GROWTH_STEP,
+        )
         # Opens in flight, with when they began (for the watchdog).
         self._opens: dict[asyncio.Task[None], float] = {}
-        # Connections being reset or pinged, with when that began (for the watchdog).
-        self._aside: dict[PooledConnection, float] = {}
-        self._closing = 0
         # Slots of connections cut off, held until these timers fire (see _hold_slot).
         self._held: deque[asyncio.TimerHandle] = deque()
-        # Checkouts in arrival order; a dict so that any of them leaves in O(1).
-        self._waiters: dict[_Waiter, None] = {}
-        # The same waiters by tenant, tenants in the order their turn comes: one served goes
-        # to the back, so a tenant with one checkout waiting is next after at most one of
-        # each other tenant's, however many they have queued.
-        self._turns: dict[str, dict[_Waiter, None]] = {}
-        self._pending = 0  # waiters queued at the capacity
-        self._dispatching = False
-        self._dispatch_again = False
+        self._serving = False
+        self._serve_again = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closers: set[asyncio.Task[None]] = set()  # among _tasks: closes in flight
         self._closed = False
@@ -283,26 +268,25 @@ class Pool:
     @property
     def size(self) -> int:
         """Every connection of this pool: in use, idle, opening, being reset or closed."""
-        return (
-            len(self._idle) + len(self._in_use) + self._opening + len(self._aside) + self._closing
-        )
+        return self._dispatch.size
 
     @property
     def backing_off(self) -> bool:
         return self._backoff.backing_off
 
     def stats(self) -> PoolStats:
+        dispatch = self._dispatch
         return PoolStats(
             name=self.name,
-            size=self.size,
-            in_use=len(self._in_use),
-            idle=len(self._idle),
-            waiting=len(self._waiters),
+            size=dispatch.size,
+            in_use=len(dispatch.in_use),
+            idle=len(dispatch.idle),
+            waiting=len(dispatch.waiters),
             min_size=self.settings.min_size,
             max_size=self.settings.max_size,
-            opening=self._opening,
-            releasing=len(self._aside),
-            closing=self._closing,
+            opening=dispatch.opening,
+            releasing=len(dispatch.aside),
+            closing=dispatch.closing,
             checkouts=self.checkouts,
             backing_off=self._backoff.backing_off,
             retry_after=self._backoff.retry_after(time.monotonic()),
@@ -310,11 +294,12 @@ class Pool:
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else " backing off" if self.backing_off else ""
+        d = self._dispatch
         return (
-            f"<Pool {self.name!r} | Requests: {len(self._in_use)} active,"
-            f" {len(self._waiters)} queued | Connections: {self.size} of {self.settings.max_size}"
-            f" ({len(self._idle)} idle, {self._opening} opening, {len(self._aside)} releasing,"
-            f" {self._closing} closing){state}>"
+            f"<Pool {self.name!r} | Requests: {len(d.in_use)} active,"
+            f" {len(d.waiters)} queued | Connections: {d.size} of {self.settings.max_size}"
+            f" ({len(d.idle)} idle, {d.opening} opening, {len(d.aside)} releasing,"
+            f" {d.closing} closing){state}>"
         )
 
     # -- checkout ----------------------------------------------------------------------------
@@ -333,7 +318,7 @@ class Pool:
         wanted: SessionState = () if per_transaction else state
         deadline = 0.0 if started is None else started + self.settings.acquire_timeout
         while True:
-            conn = None if self._waiters else self._take_idle(wanted)
+            conn = None if self._dispatch.waiters else self._take_idle(wanted)
             if conn is None:
                 if started is None:
                     started = asyncio.get_running_loop().time()
@@ -386,12 +371,10 @@ class Pool:
         retry_after = self._rejecting()
         if retry_after is not None:
             raise self._unavailable(retry_after)
-        waiter = _Waiter(self, state, tenant)
-        self._waiters[waiter] = None
-        self._counters.waiting += 1
-        self._turns.setdefault(tenant, {})[waiter] = None
+        waiter = _Waiter(self)
+        self._dispatch.wait(waiter, tenant, state)
         self._deadlines.add(deadline, waiter)
-        self._dispatch()
+        self._serve_waiters()
         try:
             # Its deadline is kept by the manager's Deadlines, which fails it with PoolTimeout.
             return await waiter.future
@@ -404,19 +387,19 @@ class Pool:
         future = waiter.future
         if future.done() and not future.cancelled() and future.exception() is None:
             conn = future.result()
-            self._give_back(conn)
+            self._dispatch.give_back(conn)
             self._make_idle(conn)
             return
         future.cancel()
         if waiter.waiting:
-            self._forget_waiter(waiter)
-            self._dispatch()
+            self._leave(waiter)
+            self._serve_waiters()
 
     def _time_out(self, waiter: _Waiter) -> None:
-        self._forget_waiter(waiter)
+        self._leave(waiter)
         waiter.future.set_exception(self._timed_out())
         # A waiter gone from the capacity's queue can let one behind it proceed.
-        self._dispatch()
+        self._serve_waiters()
 
     def _timed_out(self) -> PoolTimeout:
         self._counters.timeouts += 1
@@ -446,14 +429,12 @@ class Pool:
         ``victim``). The waiter keeps its place; the connection, once open, goes to whoever
         waits first then, so a checkout never waits out a slow connect while connections
         of its pool come back."""
-        if waiter.queued:
-            waiter.queued = False
-            self._pending -= 1
+        self._dispatch.granted(waiter)
         self._grow(victim)
 
     def _grow(self, victim: PooledConnection | None = None) -> None:
-        """Open a connection in a slot already taken, and file it as free once open."""
-        self._opening += 1
+        """Open a connection in a slot already taken (counted as opening), and file it as free
+        once open."""
         # Admitted now, not when the task runs: while a probe is in flight, later checkouts
         # are turned away at once instead of each starting an open the backoff then refuses.
         admission = self._backoff.admit(time.monotonic())
@@ -463,7 +444,7 @@ class Pool:
         task.add_done_callback(self._opens.pop)
 
     async def _open(self, victim: PooledConnection | None, admission: Admission) -> None:
-        """Open a connection in a slot counted in ``_opening``; file it as free once open.
+        """Open a connection in a slot counted as opening; file it as free once open.
 
         A stolen ``victim`` is closed first, so the server never sees more than the cap. A
         failure frees the slot; a failed connect fails the pool's waiters (the backoff's).
@@ -501,7 +482,7 @@ class Pool:
             self.refill()
             if self._on_back is not None:
                 self._on_back(self)
-        self._opening -= 1
+        self._dispatch.opened()
         self._make_idle(PooledConnection(raw, self.settings, self._lifetime_draw(), generation))
 
     def _reached(self) -> None:
@@ -511,7 +492,7 @@ class Pool:
 
     def _gave_up(self, admission: Admission) -> None:
         """An open ended without a connection: its slot goes back."""
-        self._opening -= 1
+        self._dispatch.opened()
         if admission is Admission.PROBE and self._backoff.probing:
             self._backoff.probe_abandoned()  # cut short before it knew (cancelled, closed)
         self._slot_freed()
@@ -526,8 +507,8 @@ class Pool:
             f" {type(cause).__name__}: {text}"
         )
         logger.error("tenantpool: %s", error)
-        for waiter in self._fair_order(1):
-            self._forget_waiter(waiter)
+        for waiter in self._dispatch.fair_order(1):
+            self._leave(waiter)
             if not waiter.future.done():
                 waiter.future.set_exception(error)
 
@@ -547,57 +528,38 @@ class Pool:
             )
         # Fail fast whoever queues behind a target that is down, rather than each waiting out
         # acquire_timeout.
-        for waiter in list(self._waiters):
-            self._forget_waiter(waiter)
+        for waiter, queued in self._dispatch.leave_all():
+            self._left(waiter, queued)
             if not waiter.future.done():
                 waiter.future.set_exception(self._unavailable(delay))
 
     def _take_idle(self, state: SessionState | None) -> PooledConnection | None:
-        """Pop an idle connection, one already carrying ``state`` first, most recent first."""
-        while self._idle:
-            bucket = self._idle_by_state.get(state) if state is not None else None
-            if bucket:
-                conn = bucket.popitem()[0]
-                del self._idle[conn]
-            else:
-                conn = self._idle.popitem()[0]
-                self._unindex(conn)
-            self._counters.idle -= 1
+        """Check out an idle connection, one already carrying ``state`` first."""
+        conn = self._dispatch.take(state)
+        if self._dispatch.dead:
+            self._bury()
+        if conn is not None:
             self._capacity.not_idle(conn)
-            if conn.raw.is_closed():
-                logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
-                self._discard(conn)
-                continue
-            self._in_use.add(conn)
-            self._counters.in_use += 1
             self.last_used = time.monotonic()
-            return conn
-        return None
+        return conn
 
-    def _unindex(self, conn: PooledConnection) -> None:
-        state = conn.applied
-        assert state is not None, "idle connections always carry a known state"
-        bucket = self._idle_by_state[state]
-        del bucket[conn]
-        if not bucket:
-            del self._idle_by_state[state]
+    def _bury(self) -> None:
+        """Close the idle connections the dispatch found dead (a server restart)."""
+        dead, self._dispatch.dead = self._dispatch.dead, []
+        for conn in dead:
+            self._capacity.not_idle(conn)
+            logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
+            self._discard(conn)
 
     def _evict(self, conn: PooledConnection) -> None:
         """Take an idle connection out of the pool (the capacity has already forgotten it)."""
-        del self._idle[conn]
-        self._counters.idle -= 1
-        self._unindex(conn)
+        self._dispatch.remove_idle(conn)
 
     def _remove_idle(self, conn: PooledConnection) -> None:
-        self._evict(conn)
+        self._dispatch.remove_idle(conn)
         self._capacity.not_idle(conn)
 
     # -- release -----------------------------------------------------------------------------
-
-    def _give_back(self, conn: PooledConnection) -> None:
-        if conn in self._in_use:
-            self._in_use.remove(conn)
-            self._counters.in_use -= 1
 
     def release(self, conn: PooledConnection, *, dirty: bool) -> None:
         """Give a connection back; synchronous so that no cancellation can interrupt it.
@@ -605,7 +567,7 @@ class Pool:
         ``dirty`` says user code may have touched the session: it is then reset in the
         background and is not handed to anyone until that is done.
         """
-        self._give_back(conn)
+        self._dispatch.give_back(conn)
         now = time.monotonic()
         conn.last_used = self.last_used = now
         raw = conn.raw
@@ -621,11 +583,9 @@ class Pool:
             self._discard(conn)
         elif dirty:
             _session.forget_client_state(raw)
-            # Connections come back from their resets about in the order they went, and each
-            # goes to the first waiter left: reset this one straight to the state of the waiter
-            # it will likely serve, sparing that checkout the round trip of a tenant switch.
-            for waiter in self._fair_order(len(self._aside) + 1)[len(self._aside) :]:
-                conn.next_state = waiter.state
+            # Reset it straight to the state of the waiter it will likely serve, sparing that
+            # checkout the round trip of a tenant switch.
+            conn.next_state = self._dispatch.next_state()
             self._set_aside(conn, self._reset)
         else:
             self._make_idle(conn)
@@ -722,7 +682,7 @@ class Pool:
         self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
-        self._aside[conn] = time.monotonic()
+        self._dispatch.set_aside(conn, time.monotonic())
         self._track(self._spawn(self._tend(conn, work)))
 
     async def _tend(
@@ -741,7 +701,7 @@ class Pool:
                 self._scrub(exc) or type(exc).__name__,
             )
         finally:
-            del self._aside[conn]
+            self._dispatch.back(conn)
             conn.last_checked = time.monotonic()
             if ok:
                 self._make_idle(conn)
@@ -754,17 +714,15 @@ class Pool:
         if self._closed or conn.applied is None or conn.generation != self._generation:
             self._discard(conn)
             return
-        self._idle[conn] = None
-        self._counters.idle += 1
-        self._idle_by_state.setdefault(conn.applied, {})[conn] = None
-        if self._waiters:
+        self._dispatch.file_idle(conn, conn.applied)
+        if self._dispatch.waiters:
             passed = self._capacity.pass_on(conn, self)
             if passed is not None:  # over its fair share at the cap: another tenant's turn
                 carry_out(self._capacity, passed)
-                self._dispatch()  # its waiters counted on this one: they ask for a slot
+                self._serve_waiters()  # its waiters counted on this one: they ask for a slot
                 return
-            self._dispatch()
-            if conn not in self._idle:
+            self._serve_waiters()
+            if conn not in self._dispatch.idle:
                 return
         carry_out(self._capacity, self._capacity.became_idle(conn, self))
 
@@ -776,18 +734,18 @@ class Pool:
         """
         if conn.raw.is_closed():
             if conn.cut_off:
-                self._closing += 1
+                self._dispatch.closing_started()
                 self._hold_slot()
             else:
                 self._slot_freed()
             return
-        self._closing += 1
+        self._dispatch.closing_started()
         task = self._spawn(self._close(conn.raw))
         self._track(task)
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
-        if self._waiters:
-            self._dispatch()  # a waiter may have counted on it coming back
+        if self._dispatch.waiters:
+            self._serve_waiters()  # a waiter may have counted on it coming back
 
     async def _close(self, raw: asyncpg.Connection) -> None:
         polite = False
@@ -795,18 +753,18 @@ class Pool:
             polite = await _close_gracefully(raw, self.settings.connect_timeout)
         finally:
             if polite:
-                self._closing -= 1
+                self._dispatch.closing_done()
                 self._slot_freed()
             else:
                 self._hold_slot()
 
     def _hold_slot(self) -> None:
         """Keep the slot of a connection cut off (terminated, not closed politely), counted
-        in ``_closing``, for ``connect_timeout``: its backend may live on until it notices
+        as closing, for ``connect_timeout``: its backend may live on until it notices
         (a query still running, a server slow to answer), and the server must never see more
         connections than the cap. Bounded, since tenantpool cannot watch the backend go."""
         if self._closed:
-            self._closing -= 1
+            self._dispatch.closing_done()
             self._slot_freed()
             return
         loop = asyncio.get_running_loop()
@@ -814,116 +772,67 @@ class Pool:
 
     def _slot_released(self) -> None:
         self._held.popleft().cancel()  # timers of one delay fire in order: this one
-        self._closing -= 1
+        self._dispatch.closing_done()
         self._slot_freed()
 
     def _slot_freed(self) -> None:
         """A connection (or an attempt at one) is gone: its slot goes to whoever waits first."""
         carry_out(self._capacity, self._capacity.closed())
-        self._dispatch()
-        if self._drained is not None and not self._in_use and not self._aside:
+        self._serve_waiters()
+        if self._drained is not None and not self._dispatch.in_use and not self._dispatch.aside:
             self._drained.set()
 
-    def _forget_waiter(self, waiter: _Waiter, *, served: bool = False) -> None:
-        if waiter.waiting:
-            waiter.waiting = False
-            del self._waiters[waiter]
-            self._counters.waiting -= 1
-            self._deadlines.left()
-            tenant = waiter.tenant
-            turn = self._turns[tenant]
-            del turn[waiter]
-            if not turn:
-                del self._turns[tenant]
-            elif served:
-                self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
-        if waiter.queued:
-            waiter.queued = False
-            self._pending -= 1
+    def _leave(self, waiter: _Waiter) -> None:
+        """Forget a waiter that stops waiting unserved (failed, timed out, cancelled)."""
+        queued = self._dispatch.leave(waiter)
+        if queued is not None:
+            self._left(waiter, queued)
+
+    def _left(self, waiter: _Waiter, queued: bool) -> None:
+        """The dispatch forgot ``waiter`` (served or not): so do the deadlines and the cap."""
+        waiter.waiting = False
+        self._deadlines.left()
+        if queued:
             self._capacity.withdraw(waiter)
 
-    def _dispatch(self) -> None:
-        """Serve waiting checkouts, first come first served, with whatever is free."""
-        # Serving one waiter can free or take capacity and call back in here; the outer call
+    def _serve_waiters(self) -> None:
+        """Carry out the dispatch's decisions until it has none left."""
+        # Carrying them out can free or take capacity and call back in here; the outer call
         # then simply goes round again.
-        if self._dispatching:
-            self._dispatch_again = True
+        if self._serving:
+            self._serve_again = True
             return
-        self._dispatching = True
+        self._serving = True
         try:
-            self._dispatch_again = True
-            while self._dispatch_again:
-                self._dispatch_again = False
-                self._dispatch_once()
+            self._serve_again = True
+            while self._serve_again:
+                self._serve_again = False
+                self._serve_once()
         finally:
-            self._dispatching = False
+            self._serving = False
 
-    def _fair_order(self, limit: int) -> list[_Waiter]:
-        """The first ``limit`` waiters in the order they are to be served: round robin across
-        tenants, whose turn comes first, and first come first served within a tenant."""
-        if len(self._turns) <= 1:
-            return list(islice(self._waiters, limit))
-        order: list[_Waiter] = []
-        lines = [iter(turn) for turn in islice(self._turns.values(), limit)]
-        while lines:
-            going = []
-            for line in lines:
-                waiter = next(line, None)
-                if waiter is not None:
-                    order.append(waiter)
-                    if len(order) == limit:
-                        return order
-                    going.append(line)
-            lines = going
-        return order
-
-    def _dispatch_once(self) -> None:
-        """Hand idle connections to waiters in their turn; then open for those left over, but
-        only as many as will not be served by what is already coming their way."""
-        while self._idle and self._waiters:
-            for waiter in self._fair_order(len(self._idle)):
-                if waiter.future.done():
-                    self._forget_waiter(waiter)
-                    continue
-                conn = self._take_idle(waiter.state)
-                if conn is None:
-                    break  # the last idle ones were dead
-                self._forget_waiter(waiter, served=True)
-                waiter.future.set_result(conn)
-        if not self._waiters:
-            return
-        # Coming back from a reset or a ping (a round trip), being opened, or queued for a
-        # slot: each will serve the first waiter left when it is ready, so a checkout waits
-        # for its pool's own connection rather than opening (or, at the cap, stealing another
-        # tenant's warm one at the price of a connect).
-        deficit = len(self._waiters) - len(self._aside) - self._opening - self._pending
-        if self._in_use or self._aside:
-            # Connections are out and come back within a query or two: grow by a step at a
-            # time, so that a burst the pool clears in milliseconds does not leave it at
-            # max_size, every new connection serving whoever is first when it is ready.
-            deficit = min(deficit, _GROWTH_STEP - self._opening - self._pending)
-        room = self.settings.max_size - self.size - self._pending
-        deficit = min(deficit, room)
-        if deficit <= 0:
-            return
-        for waiter in self._fair_order(self._pending + deficit + 1):
-            if deficit <= 0:
-                break
-            if waiter.future.done():
-                self._forget_waiter(waiter)
-                continue
-            if waiter.queued:
-                continue
+    def _serve_once(self) -> None:
+        plan = self._dispatch.assign()
+        if self._dispatch.dead:
+            self._bury()
+        for waiter, queued in plan.gone:
+            self._left(waiter, queued)
+        if plan.serve:
+            self.last_used = time.monotonic()
+            for serve in plan.serve:
+                self._left(serve.waiter, serve.queued)
+                self._capacity.not_idle(serve.conn)
+                serve.waiter.future.set_result(serve.conn)
+        for waiter in plan.ask:
             retry_after = self._rejecting()
             if retry_after is not None:
-                self._forget_waiter(waiter)
+                self._leave(waiter)
                 waiter.future.set_exception(self._unavailable(retry_after))
+                self._serve_again = True  # the next in line fails fast too
                 continue
-            deficit -= 1
             decision = self._capacity.request(waiter, self)
             if decision is None:
-                waiter.queued = True
-                self._pending += 1
+                self._dispatch.queued_at_cap(waiter)
             else:
                 carry_out(self._capacity, decision)
 
@@ -944,8 +853,8 @@ class Pool:
         """Whether any duty has something to do: they look at idle and set-aside connections,
         but refill. Lets a sweep over many thousands of empty pools stay cheap."""
         return (
-            bool(self._idle)
-            or bool(self._aside)
+            bool(self._dispatch.idle)
+            or bool(self._dispatch.aside)
             or bool(self._opens)
             or self.size < self.settings.min_size
         )
@@ -954,7 +863,7 @@ class Pool:
         """Close dead idle connections, and those idle past ``idle_timeout`` down to min_size."""
         timeout = self.settings.idle_timeout
         excess = self.size - self.settings.min_size
-        for conn in list(self._idle):
+        for conn in list(self._dispatch.idle):
             if conn.raw.is_closed():
                 self._remove_idle(conn)
                 self._discard(conn)
@@ -966,7 +875,7 @@ class Pool:
 
     def recycle(self, now: float) -> None:
         """Close idle connections past their own jittered ``max_age``."""
-        for conn in list(self._idle):
+        for conn in list(self._dispatch.idle):
             if conn.expires_at is not None and now >= conn.expires_at:
                 self._remove_idle(conn)
                 self._counters.recycles += 1
@@ -977,7 +886,7 @@ class Pool:
         interval = self.settings.keepalive_interval
         if interval is None:
             return
-        for conn in list(self._idle):
+        for conn in list(self._dispatch.idle):
             if now - max(conn.last_used, conn.last_checked) >= interval:
                 self._remove_idle(conn)
                 self._set_aside(conn, self._ping)
@@ -1001,7 +910,7 @@ class Pool:
                     2 * limit,
                 )
                 task.cancel()
-        for conn, since in list(self._aside.items()):
+        for conn, since in list(self._dispatch.aside.items()):
             if now - since > limit and not conn.raw.is_closed():
                 conn.cut_off = True
                 logger.warning(
@@ -1028,6 +937,7 @@ class Pool:
             missing = 1
         while missing > 0 and self._capacity.take():
             missing -= 1
+            self._dispatch.granted()
             self._grow()
 
     def upkeep_refill(self) -> None:
@@ -1091,7 +1001,7 @@ class Pool:
         return (
             now - self.last_used >= after
             and self.size == 0
-            and not self._waiters
+            and not self._dispatch.waiters
             and not self._tasks
             and not self._backoff.probing
             # A pool promised min_size keeps trying to get there; the timer must not outlive it.
@@ -1106,7 +1016,7 @@ class Pool:
         then goes too).
         """
         self._generation += 1
-        for conn in list(self._idle):
+        for conn in list(self._dispatch.idle):
             self._remove_idle(conn)
             self._discard(conn)
         if self._closers:
@@ -1120,35 +1030,35 @@ class Pool:
         self._cancel_refill_timer()
         while self._held:  # nobody will open in those slots any more
             self._slot_released()
-        for waiter in list(self._waiters):
-            self._forget_waiter(waiter)
+        for waiter, queued in self._dispatch.leave_all():
+            self._left(waiter, queued)
             if not waiter.future.done():
                 waiter.future.set_exception(ManagerClosed("the manager is closed"))
 
     async def close(self, grace: float) -> None:
         """Close every connection; checked-out ones get ``grace`` seconds, then are terminated."""
         self.begin_close()
-        for conn in list(self._idle):
+        for conn in list(self._dispatch.idle):
             self._remove_idle(conn)
             self._discard(conn)
         # Shared by every close() of the pool: each waits for the same drain.
         if self._drained is None:
             self._drained = asyncio.Event()
         drained = self._drained
-        if self._in_use or self._aside:
+        if self._dispatch.in_use or self._dispatch.aside:
             try:
                 async with asyncio.timeout(grace):
                     await drained.wait()
             except TimeoutError:
                 logger.warning(
                     "tenantpool: terminating %d connection(s) of %s still checked out at close",
-                    len(self._in_use),
+                    len(self._dispatch.in_use),
                     self.name,
                 )
         # The server notices a closed socket only when it next writes: a query it is running
         # would go on for as long as it takes, so each is cancelled too.
         cancels = []
-        for conn in list(self._in_use):
+        for conn in list(self._dispatch.in_use):
             cancels.append(_session.canceller(conn.raw))
             conn.raw.terminate()
         if cancels:

@@ -9,10 +9,19 @@ zero-wait checkouts are folded into its first bucket when a snapshot is taken.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["WAIT_BUCKETS", "Counters", "ManagerStats", "PoolStats", "Totals", "WaitTimes"]
+__all__ = [
+    "WAIT_BUCKETS",
+    "Counters",
+    "ManagerStats",
+    "PoolFigures",
+    "PoolStats",
+    "Totals",
+    "WaitTimes",
+]
 
 # Upper bounds (seconds) of the checkout wait histogram, Prometheus' default ladder.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -51,6 +60,46 @@ class PoolStats:
     retry_after: float  # seconds until the next reconnect attempt, 0.0 when healthy
 
 
+class _Pool(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def stats(self) -> PoolStats: ...
+
+
+class PoolFigures(Mapping[str, PoolStats]):
+    """Every pool's snapshot by name, taken all at once when the mapping is first read.
+
+    ``stats()`` hands this out without passing over the pools, so that its totals cost the
+    same with ten thousand pools as with one; a caller that reads the per-pool figures pays
+    for them then (a few microseconds a pool).
+    """
+
+    __slots__ = ("_pools", "_taken")
+
+    def __init__(self, pools: Sequence[_Pool]) -> None:
+        self._pools = pools
+        self._taken: dict[str, PoolStats] | None = None
+
+    def _snapshot(self) -> dict[str, PoolStats]:
+        if self._taken is None:
+            self._taken = {pool.name: pool.stats() for pool in self._pools}
+            self._pools = ()
+        return self._taken
+
+    def __getitem__(self, name: str) -> PoolStats:
+        return self._snapshot()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._snapshot())
+
+    def __len__(self) -> int:
+        return len(self._snapshot())
+
+    def __repr__(self) -> str:
+        return f"PoolFigures({self._snapshot()!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """What every pool of a manager holds right now, from running figures (no per-pool pass)."""
@@ -85,7 +134,7 @@ class ManagerStats:
     idle: int
     waiting: int
     max_total: int | None
-    pools: Mapping[str, PoolStats]
+    pools: Mapping[str, PoolStats]  # a PoolFigures: each pool's snapshot, taken when first read
     checkouts: int  # completed checkouts (a nested scope reusing its outer one is not one)
     timeouts: int  # PoolTimeout raised (quota waits that ran out included)
     steals: int  # idle connections of one pool closed to make room for another at the cap

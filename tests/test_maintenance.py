@@ -61,7 +61,7 @@ async def test_recycling_is_spread_by_jitter_and_never_takes_a_checked_out_conne
             # Each connection's own lifetime, drawn when it was opened: what the timing is
             # checked against, so that slow connects on a busy machine cost no slack.
             (pool,) = manager._pools.values()
-            expires = {c.raw.get_server_pid(): c.expires_at for c in pool._idle}
+            expires = {c.raw.get_server_pid(): c.expires_at for c in pool._dispatch.idle}
             assert sorted(expires) == sorted(pids)
             gone_at: dict[int, float] = {}
             with anyio.fail_after(max_age + 60):  # a ceiling, not a timing

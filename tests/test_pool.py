@@ -364,7 +364,7 @@ async def test_idle_connections_dead_after_a_restart_are_replaced(
         # The loop learns of the closed sockets when it next reads them: wait for that, as a
         # checkout a moment later would find (before it, no client could tell them dead).
         (pool,) = manager._pools.values()
-        await until(lambda: all(c.raw.is_closed() for c in pool._idle), 30)
+        await until(lambda: all(c.raw.is_closed() for c in pool._dispatch.idle), 30)
         for tenant in ("acme", "globex", "acme"):
             async with manager.with_connection(tenant) as conn:
                 assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == tenant

@@ -12,6 +12,7 @@ from _support import FakeServer, drained, tenant_dsn, until
 
 from tenantpool import PoolSettings, Target, TenantPoolManager, TenantUnavailable
 from tenantpool._pool import Pool
+from tenantpool._stats import PoolStats
 
 pytestmark = pytest.mark.anyio
 
@@ -80,6 +81,36 @@ async def test_health_and_repr_never_ask_each_pool(
         report = await manager.health()
         assert report.status == "ok" and report.targets == 3 and report.idle == 3
         assert "in 3 pools" in repr(manager)
+
+
+async def test_stats_asks_each_pool_only_when_its_figures_are_read(
+    pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = pg.dsn()
+    targets = {f"t{i}": Target(tenant_dsn(dsn, f"t{i}")) for i in range(3)}
+    async with TenantPoolManager(targets, pool=PoolSettings(max_size=1)) as manager:
+        for tenant in targets:
+            async with manager.with_connection(tenant):
+                pass
+        await drained(manager)
+        asked: list[str] = []
+        snapshot = Pool.stats
+
+        def counted(self: Pool) -> PoolStats:
+            asked.append(self.name)
+            return snapshot(self)
+
+        monkeypatch.setattr(Pool, "stats", counted)
+        stats = manager.stats()
+        assert asked == [] and stats.total == stats.idle == 3
+        # Read once, all at once: a snapshot, not live figures.
+        async with manager.with_connection("t0"):
+            assert len(stats.pools) == 3 and len(asked) == 3
+            assert sum(p.in_use for p in stats.pools.values()) == 1
+            assert sum(p.in_use for p in manager.stats().pools.values()) == 1
+        assert sum(p.in_use for p in stats.pools.values()) == 1  # unchanged
+        assert len(asked) == 6
+        assert dict(stats.pools) == {name: stats.pools[name] for name in stats.pools}
 
 
 async def test_longest_wait_and_the_targets_backing_off(pg: PostgresCluster) -> None:
