@@ -30,7 +30,7 @@ POOLS = 10_000
 def run(ctx: Context) -> Report:
     dsn = ctx.shared.dsn()
     elapsed, lags, own_lags, gc_max = asyncio.run(_overload(dsn))
-    stats_ms, health_ms = asyncio.run(_observability(dsn, ctx.pick(5, 20)))
+    stats_ms, detail_ms, health_ms = asyncio.run(_observability(dsn, ctx.pick(5, 20)))
     worst = max(elapsed) if elapsed else float("nan")
     rows = [
         ["PoolTimeouts raised", f"{len(elapsed):,} of {WAITERS:,}"],
@@ -42,6 +42,7 @@ def run(ctx: Context) -> Report:
         ["longest garbage collection meanwhile", f"{gc_max * 1000:.1f} ms"],
         ["event loop lag outside garbage collection, max", f"{max(own_lags) * 1000:.1f} ms"],
         [f"stats() with {POOLS:,} pools, median", f"{stats_ms:.3f} ms"],
+        [f"stats().pools first read, {POOLS:,} pools, median", f"{detail_ms:.1f} ms"],
         [f"health() with {POOLS:,} pools, median", f"{health_ms:.3f} ms"],
     ]
     return Report(
@@ -71,7 +72,7 @@ def run(ctx: Context) -> Report:
             Goal(
                 f"stats() totals with {POOLS:,} pools < 1 ms",
                 stats_ms < 1,
-                f"{stats_ms:.2f} ms; stats() returns every pool's snapshot with its totals",
+                f"{stats_ms:.3f} ms; its pools mapping is filled when first read",
             ),
         ],
         data={
@@ -88,6 +89,7 @@ def run(ctx: Context) -> Report:
                 "longest_gc": gc_max * 1e3,
             },
             "stats_ms": stats_ms,
+            "stats_pools_read_ms": detail_ms,
             "health_ms": health_ms,
         },
     )
@@ -166,18 +168,23 @@ async def _overload(dsn: str) -> tuple[list[float], list[float], list[float], fl
     return elapsed, lags, own_lags, collections.longest
 
 
-async def _observability(dsn: str, calls: int) -> tuple[float, float]:
+async def _observability(dsn: str, calls: int) -> tuple[float, float, float]:
     targets = {f"p{i}": Target(tenant_dsn(dsn, f"p{i}")) for i in range(POOLS)}
     async with TenantPoolManager(targets) as manager:
         for target in targets.values():
             manager._pool_for(target)
         stats_times: list[float] = []
+        detail_times: list[float] = []
         health_times: list[float] = []
         for _ in range(calls):
             began = time.perf_counter()
-            manager.stats()
+            stats = manager.stats()
             stats_times.append((time.perf_counter() - began) * 1e3)
+            began = time.perf_counter()
+            len(stats.pools)  # the per-pool figures, taken when first read
+            detail_times.append((time.perf_counter() - began) * 1e3)
+            del stats  # freeing 10,000 snapshots is no part of the next call
             began = time.perf_counter()
             await manager.health()
             health_times.append((time.perf_counter() - began) * 1e3)
-    return median(stats_times), median(health_times)
+    return median(stats_times), median(detail_times), median(health_times)
