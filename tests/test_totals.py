@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.lowlevel
@@ -63,9 +65,8 @@ async def test_running_totals_agree_with_the_pools_throughout_a_burst(
         assert stats.in_use == 0 and stats.waiting == 0 and stats.idle == stats.total > 0
 
 
-async def test_health_and_repr_never_ask_each_pool(
-    pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@asynccontextmanager
+async def three_warm_pools(pg: PostgresCluster) -> AsyncIterator[TenantPoolManager]:
     dsn = pg.dsn()
     targets = {f"t{i}": Target(tenant_dsn(dsn, f"t{i}")) for i in range(3)}
     async with TenantPoolManager(targets, pool=PoolSettings(max_size=1)) as manager:
@@ -73,6 +74,13 @@ async def test_health_and_repr_never_ask_each_pool(
             async with manager.with_connection(tenant):
                 pass
         await drained(manager)
+        yield manager
+
+
+async def test_health_and_repr_never_ask_each_pool(
+    pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with three_warm_pools(pg) as manager:
 
         def per_pool(self: Pool) -> None:
             raise AssertionError("a pass over the pools")
@@ -86,13 +94,7 @@ async def test_health_and_repr_never_ask_each_pool(
 async def test_stats_asks_each_pool_only_when_its_figures_are_read(
     pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dsn = pg.dsn()
-    targets = {f"t{i}": Target(tenant_dsn(dsn, f"t{i}")) for i in range(3)}
-    async with TenantPoolManager(targets, pool=PoolSettings(max_size=1)) as manager:
-        for tenant in targets:
-            async with manager.with_connection(tenant):
-                pass
-        await drained(manager)
+    async with three_warm_pools(pg) as manager:
         asked: list[str] = []
         snapshot = Pool.stats
 
