@@ -63,7 +63,6 @@ class Dispatch(Generic[C, W]):
         "_by_state",
         "_counters",
         "_growth_step",
-        "_tenant",
         "_turns",
         "_usable",
         "_waiting",
@@ -96,20 +95,21 @@ class Dispatch(Generic[C, W]):
         # most recently used, iteration starts at the least recently used.
         self.idle: dict[C, SessionState] = {}
         self._by_state: dict[SessionState, dict[C, None]] = {}
-        self.in_use: set[C] = set()
+        # Dicts, not sets, here and below: a service may hold a pool per tenant, mostly idle,
+        # and an empty dict is a quarter the size of an empty set.
+        self.in_use: dict[C, None] = {}
         self.aside: dict[C, float] = {}  # being reset or pinged, with since when (for a watchdog)
         self.opening = 0
         self.closing = 0
         # Idle connections found unusable, taken out: the pool closes them (and empties this).
         self.dead: list[C] = []
-        # Waiting checkouts in arrival order, with the state each wants.
-        self.waiters: dict[W, SessionState] = {}
+        # Waiting checkouts in arrival order, with the tenant and the state each wants.
+        self.waiters: dict[W, tuple[str, SessionState]] = {}
         # The same waiters by tenant, tenants in the order their turn comes: one served goes to
         # the back, so a tenant with one checkout waiting is next after at most one of each
         # other tenant's, however many they have queued.
         self._turns: dict[str, dict[W, None]] = {}
-        self._tenant: dict[W, str] = {}
-        self.queued: set[W] = set()  # waiters with a request queued at the capacity
+        self.queued: dict[W, None] = {}  # waiters with a request queued at the capacity
 
     @property
     def size(self) -> int:
@@ -132,14 +132,13 @@ class Dispatch(Generic[C, W]):
             if not self._usable(conn):
                 self.dead.append(conn)
                 continue
-            self.in_use.add(conn)
+            self.in_use[conn] = None
             self._counters.in_use += 1
             return conn
         return None
 
     def wait(self, waiter: W, tenant: str, state: SessionState) -> None:
-        self.waiters[waiter] = state
-        self._tenant[waiter] = tenant
+        self.waiters[waiter] = (tenant, state)
         self._turns.setdefault(tenant, {})[waiter] = None
         self._counters.waiting += 1
 
@@ -155,12 +154,12 @@ class Dispatch(Generic[C, W]):
         return [(waiter, self._forget(waiter, served=False)) for waiter in list(self.waiters)]
 
     def queued_at_cap(self, waiter: W) -> None:
-        self.queued.add(waiter)
+        self.queued[waiter] = None
 
     def granted(self, waiter: W | None = None) -> None:
         """A slot is held for a new connection (asked for ``waiter``, or for ``min_size``)."""
         if waiter is not None:
-            self.queued.discard(waiter)
+            self.queued.pop(waiter, None)
         self.opening += 1
 
     def fair_order(self, limit: int) -> list[W]:
@@ -186,7 +185,7 @@ class Dispatch(Generic[C, W]):
         connections come back about in the order they went, each to the first waiter left."""
         ahead = len(self.aside)
         order = self.fair_order(ahead + 1)
-        return self.waiters[order[ahead]] if len(order) > ahead else None
+        return self.waiters[order[ahead]][1] if len(order) > ahead else None
 
     def assign(self) -> Plan[W, C]:
         """Serve waiters with idle connections in their turn; then ask for slots for those that
@@ -197,7 +196,7 @@ class Dispatch(Generic[C, W]):
                 if not self._waiting(waiter):
                     plan.gone.append((waiter, self._forget(waiter, served=False)))
                     continue
-                conn = self.take(self.waiters[waiter])
+                conn = self.take(self.waiters[waiter][1])
                 if conn is None:
                     break  # the last idle ones were dead
                 plan.serve.append(Serve(waiter, conn, self._forget(waiter, served=True)))
@@ -224,27 +223,22 @@ class Dispatch(Generic[C, W]):
         return min(deficit, self.max_size - self.size - queued)
 
     def _forget(self, waiter: W, *, served: bool) -> bool:
-        del self.waiters[waiter]
+        tenant = self.waiters.pop(waiter)[0]
         self._counters.waiting -= 1
-        tenant = self._tenant.pop(waiter)
         turn = self._turns[tenant]
         del turn[waiter]
         if not turn:
             del self._turns[tenant]
         elif served:
             self._turns[tenant] = self._turns.pop(tenant)  # to the back of the line
-        if waiter in self.queued:
-            self.queued.remove(waiter)
-            return True
-        return False
+        return self.queued.pop(waiter, False) is None
 
     # -- connections -------------------------------------------------------------------------
 
     def give_back(self, conn: C) -> bool:
         """A connection in use comes back (the pool then closes it, resets it or files it)."""
-        if conn not in self.in_use:
+        if self.in_use.pop(conn, False) is not None:
             return False
-        self.in_use.remove(conn)
         self._counters.in_use -= 1
         return True
 

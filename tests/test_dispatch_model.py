@@ -269,8 +269,8 @@ class PoolModel(RuleBasedStateMachine):
         assert self.counters.idle == len(d.idle)
         assert self.counters.waiting == len(d.waiters)
         assert not (d.idle.keys() & d.in_use) and not (d.idle.keys() & d.aside.keys())
-        assert not (d.in_use & d.aside.keys())
-        assert d.queued <= d.waiters.keys()
+        assert not (d.in_use.keys() & d.aside.keys())
+        assert d.queued.keys() <= d.waiters.keys()
 
     @invariant()
     def the_cap_holds(self) -> None:
