@@ -18,6 +18,7 @@ import asyncpg
 import asyncpg.connection
 
 from ._errors import ConnectionReleased, TenantPoolError
+from ._liveness import lost
 
 if TYPE_CHECKING:
     from ._manager import TenantPoolManager
@@ -139,7 +140,15 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                         " whichever client holds the server connection); with"
                         " state_scope='transaction' listen on a connection of its own"
                     )
-            return await getattr(raw, name)(*args, **kwargs)
+            try:
+                return await getattr(raw, name)(*args, **kwargs)
+            except Exception as exc:
+                # A connection the server or the network took away raises whatever asyncpg
+                # was doing at the time; the scope's user gets one retryable error for all.
+                error = lost(raw, self._tenant, exc)
+                if error is None:
+                    raise
+                raise error from exc
 
         wrapper: Callable[..., Any] = async_method
     else:
