@@ -375,7 +375,7 @@ class TenantPoolManager:
             max_total=totals.max_total,
             pools=MappingProxyType({pool.name: pool.stats() for pool in self._pools.values()}),
             checkouts=counters.checkouts,
-            timeouts=counters.timeouts + self._quotas.timeouts,
+            timeouts=counters.timeouts + self._quotas.timeouts + self._resolver.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,

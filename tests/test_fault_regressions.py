@@ -306,6 +306,7 @@ async def test_a_hanging_resolver_costs_the_checkout_its_acquire_timeout(
                     pass
         assert info.value.retry_after > 0
         assert manager.stats().in_use == 0
+        assert manager.stats().timeouts == 1  # counted as any PoolTimeout is
         answer.set()
         async with manager.with_connection("a") as conn:
             assert await conn.fetchval("SELECT 1") == 1
