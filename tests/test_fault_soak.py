@@ -135,8 +135,11 @@ async def test_a_soak_of_mixed_faults_leaves_everything_at_its_baseline(
                         await proxy.set_mode("pass")
                     await until(lambda progress=done + 50: done >= progress, 60)
 
-                for task in workers.values():
-                    task.cancel()
+                # Nothing here may keep a worker task (a loop variable did): a cancelled task
+                # keeps its CancelledError, whose traceback keeps the frames it went through,
+                # and those of a query (asyncpg's, tenantpool's) keep its connection.
+                for n in workers:
+                    workers[n].cancel()
                 await asyncio.gather(*workers.values(), return_exceptions=True)
                 await drained(manager, limit=30)
                 stats = manager.stats()
@@ -149,6 +152,9 @@ async def test_a_soak_of_mixed_faults_leaves_everything_at_its_baseline(
     # Ended scopes may stay reachable from asyncpg's timers, but hold nothing.
     assert all(s.pool is None and s.task is None for s in gc.get_objects() if isinstance(s, Scope))
     assert after[asyncpg.Connection] == baseline[asyncpg.Connection], after
+    # Those scopes' proxies are all there is of them, and are released.
+    assert after[TenantConnection] == after[Scope], after
+    assert all(c._raw is None for c in gc.get_objects() if type(c) is TenantConnection)
     assert sampler.peak <= CAP
     print(
         f"\nsoak {seconds:.0f} s: {done} checkouts, faults {dict(faults)},"
