@@ -23,6 +23,7 @@ from tenantpool import (
     TenantPoolManager,
     TenantUnavailable,
 )
+from tenantpool._liveness import Watch
 from tenantpool._scope import scopes
 
 pytestmark = pytest.mark.anyio
@@ -263,6 +264,32 @@ async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
             async with manager.with_connection("a") as conn:
                 assert await conn.fetchval("SELECT 1") == 1
             await drained(manager)
+
+
+def test_the_watch_notes_a_fatal_at_the_end_of_a_read_of_any_size() -> None:
+    got: list[bytes] = []
+
+    class Protocol(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.append(data)
+
+    fatal = (
+        b"E\x00\x00\x00\x5eSFATAL\x00VFATAL\x00C57P01\x00"
+        b"Mterminating connection due to administrator command\x00\x00"
+    )
+    ready = b"Z\x00\x00\x00\x05I"
+    rows = b"D\x00\x00\x00\x0e\x00\x01\x00\x00\x00\x04\x00\x00\x00\x07" * 10_000
+    for reads, noted in [
+        ([ready], False),
+        ([fatal], True),
+        ([rows + ready + fatal], True),  # killed right after a large result
+        ([rows, ready, fatal], True),
+    ]:
+        watch = Watch(Protocol())
+        for data in reads:
+            watch.data_received(data)
+        assert watch.fatal is noted
+    assert b"".join(got).endswith(fatal)  # every byte reaches asyncpg's protocol
 
 
 async def test_a_lost_commit_at_the_end_of_a_transaction_scope_costs_tenant_unavailable(
