@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 
 import anyio
 import asyncpg
+import asyncpg.transaction
 import pytest
 from _faults import FaultProxy, server_until
 from _postgres import PostgresCluster
@@ -264,6 +265,28 @@ async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
             async with manager.with_connection("a") as conn:
                 assert await conn.fetchval("SELECT 1") == 1
             await drained(manager)
+
+
+@pytest.mark.parametrize("at", ["begin", "commit"])
+async def test_a_connection_lost_under_a_transaction_block_costs_tenant_unavailable(
+    pg: PostgresCluster, at: str
+) -> None:
+    async with TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE) as manager:
+        with pytest.raises(TenantUnavailable, match="lost mid-scope") as info:
+            async with manager.with_connection("a") as conn:
+                block = conn.transaction()
+                assert isinstance(block, asyncpg.transaction.Transaction)
+                if at == "begin":
+                    await kill(pg, conn.get_server_pid())
+                    await until(lambda: conn.is_closed())
+                async with block:
+                    await kill(pg, conn.get_server_pid())
+                    # The loop reads the FATAL and the EOF: the commit meets a closed connection.
+                    await until(lambda: conn.is_closed())
+        assert isinstance(info.value.__cause__, asyncpg.InterfaceError), info.value.__cause__
+        assert manager.stats().in_use == 0
+        async with manager.with_connection("a") as conn, conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
 
 
 def test_the_watch_notes_a_fatal_at_the_end_of_a_read_of_any_size() -> None:
