@@ -156,6 +156,8 @@ async def test_a_soak_of_mixed_faults_leaves_everything_at_its_baseline(
     assert after[TenantConnection] == after[Scope], after
     assert all(c._raw is None for c in gc.get_objects() if type(c) is TenantConnection)
     assert sampler.peak <= CAP
+    # A connection lost under a scope is TenantUnavailable; a query's own timeout=, TimeoutError.
+    assert set(errors) <= {"TenantUnavailable", "PoolTimeout", "TimeoutError"}, errors
     print(
         f"\nsoak {seconds:.0f} s: {done} checkouts, faults {dict(faults)},"
         f" errors {dict(errors)}, server peak {sampler.peak} of cap {CAP},"

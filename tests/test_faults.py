@@ -302,6 +302,8 @@ async def test_terminated_backends_under_load_hold_the_cap_and_leave_nothing_che
             assert stats.in_use == 0 and stats.total <= cap
     assert killed >= rounds
     assert sampler.peak <= cap, sampler.peak
+    # A connection the server killed, idle or under a query, is tenantpool's error to report.
+    assert all(isinstance(e, TenantPoolError) for e in load.errors), load.errors
     kinds = Counter(type(e).__name__ for e in load.errors)
     print(
         f"\nterminations ({state_scope}): {load.ok} checkouts, {killed} backends killed,"
@@ -335,6 +337,7 @@ async def test_a_restart_under_load_holds_the_cap_and_every_tenant_is_served_aft
             await recovered(manager)
             assert manager.stats().in_use == 0
     assert sampler.peak <= cap, sampler.peak
+    assert all(isinstance(e, TenantPoolError) for e in load.errors), load.errors
     print(
         f"\nrestart: {load.ok} checkouts ({load.ok - before} after the restart began),"
         f" {len(load.errors)} errors {dict(Counter(type(e).__name__ for e in load.errors))},"
