@@ -33,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from . import _liveness, _session
+from . import _session
 from ._backoff import Admission, Backoff
 from ._capacity import Capacity, Grant, Steal
 from ._deadlines import Deadlines
@@ -564,7 +564,7 @@ class Pool:
                 self._unindex(conn)
             self._counters.idle -= 1
             self._capacity.not_idle(conn)
-            if not _liveness.usable(conn.raw):
+            if conn.raw.is_closed():
                 logger.info("tenantpool: dropped a dead idle connection of %s", self.name)
                 self._discard(conn)
                 continue

@@ -236,7 +236,7 @@ async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
     async with FaultProxy(pg.dsn()) as proxy:
         async with TenantPoolManager({"a": Target(proxy.dsn)}, pool=settings) as manager:
             # Between queries the FATAL arrives while the scope is idle and its EOF is held
-            # (asyncpg's InternalClientError before); mid-query the link closes under it.
+            # (asyncpg's InternalClientError once); mid-query the link closes under it.
             proxy.hold_eof = when == "between_queries"
             try:
                 with anyio.fail_after(30):
@@ -254,10 +254,10 @@ async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
                 proxy.hold_eof = False
                 proxy.reset_all()
             assert info.value.retry_after > 0
-            # The error asyncpg raised comes along: the protocol error of item 6, or the
-            # connection's loss under a running query.
+            # The error asyncpg raised comes along: a closed connection's (the server's FATAL
+            # ended it between queries), or the loss under a running query.
             cause = {
-                "between_queries": asyncpg.InternalClientError,
+                "between_queries": asyncpg.InterfaceError,
                 "mid_query": asyncpg.ConnectionDoesNotExistError,
             }[when]
             assert isinstance(info.value.__cause__, cause), info.value.__cause__
@@ -289,30 +289,49 @@ async def test_a_connection_lost_under_a_transaction_block_costs_tenant_unavaila
             assert await conn.fetchval("SELECT 1") == 1
 
 
-def test_the_watch_notes_a_fatal_at_the_end_of_a_read_of_any_size() -> None:
-    got: list[bytes] = []
+class Recorder(asyncio.Protocol, asyncio.Transport):
+    """Stands in for asyncpg's protocol and for the transport on either side of a Watch."""
 
-    class Protocol(asyncio.Protocol):
-        def data_received(self, data: bytes) -> None:
-            got.append(data)
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[bytes] = []
+        self.lost: list[Exception | None] = []
+        self.aborted = False
 
-    fatal = (
-        b"E\x00\x00\x00\x5eSFATAL\x00VFATAL\x00C57P01\x00"
-        b"Mterminating connection due to administrator command\x00\x00"
-    )
+    def data_received(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_the_watch_ends_a_connection_on_a_read_that_ends_with_a_fatal() -> None:
+    body = b"SFATAL\x00VFATAL\x00C57P01\x00Mterminating connection due to administrator command\x00"
+    body += b"\x00"  # the message's end
+    fatal = b"E" + (len(body) + 4).to_bytes(4, "big") + body
     ready = b"Z\x00\x00\x00\x05I"
     rows = b"D\x00\x00\x00\x0e\x00\x01\x00\x00\x00\x04\x00\x00\x00\x07" * 10_000
-    for reads, noted in [
+    row_with_fatal_bytes = b"D\x00\x00\x00\x1a\x00\x01\x00\x00\x00\x10" + fatal[4:20]
+    for reads, ended in [
         ([ready], False),
         ([fatal], True),
         ([rows + ready + fatal], True),  # killed right after a large result
         ([rows, ready, fatal], True),
+        ([row_with_fatal_bytes + ready], False),  # the same bytes, not ending the read
+        ([ready + row_with_fatal_bytes], False),  # ending it, but no message of that length
     ]:
-        watch = Watch(Protocol())
+        protocol, transport = Recorder(), Recorder()
+        watch = Watch(protocol, transport)
         for data in reads:
             watch.data_received(data)
-        assert watch.fatal is noted
-    assert b"".join(got).endswith(fatal)  # every byte reaches asyncpg's protocol
+        assert b"".join(protocol.got) == b"".join(reads)  # every byte reaches asyncpg
+        assert protocol.lost == ([None] if ended else [])
+        assert transport.aborted is ended
+        watch.connection_lost(None)  # the transport's own report, after its abort
+        assert protocol.lost == [None]
 
 
 async def test_a_lost_commit_at_the_end_of_a_transaction_scope_costs_tenant_unavailable(
