@@ -11,7 +11,7 @@ any closed connection, with no look of its own at checkout. Bytes the loop has n
 need no look either: asyncpg reads them as the next query's error.
 
 A call that fails because its connection was lost raises ``TenantUnavailable``, asyncpg's error
-chained (``lost``).
+chained (``raise_if_lost``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import asyncpg
 
 from ._errors import TenantPoolError, TenantUnavailable
 
-__all__ = ["LOST_RETRY_AFTER", "Watch", "lost", "watch"]
+__all__ = ["LOST_RETRY_AFTER", "Watch", "raise_if_lost", "watch"]
 
 # An ErrorResponse's non-localized severity field (``V``, PostgreSQL 9.6+) with the NULs around
 # it: the NUL ending field ``S``, the localized severity, which comes first.
@@ -98,13 +98,12 @@ def watch(raw: asyncpg.Connection) -> None:
         transport.set_protocol(Watch(protocol, transport))
 
 
-def lost(raw: asyncpg.Connection, tenant: str, exc: Exception) -> TenantUnavailable | None:
-    """What to raise instead of ``exc``, a call's failure on a scope's connection, when it came
-    of the connection being lost under the call; ``None`` when it did not."""
-    if not raw.is_closed() or isinstance(exc, TenantPoolError):
-        return None
-    return TenantUnavailable(
-        f"the connection of tenant {tenant!r} was lost mid-scope ({type(exc).__name__}: {exc});"
-        " whether its last statement took effect is unknown",
-        retry_after=LOST_RETRY_AFTER,
-    )
+def raise_if_lost(raw: asyncpg.Connection, tenant: str, exc: Exception) -> None:
+    """Raise ``TenantUnavailable`` from ``exc``, a call's failure on a scope's connection, if
+    it came of the connection being lost under the call; else return (the caller re-raises)."""
+    if raw.is_closed() and not isinstance(exc, TenantPoolError):
+        raise TenantUnavailable(
+            f"the connection of tenant {tenant!r} was lost mid-scope"
+            f" ({type(exc).__name__}: {exc}); whether its last statement took effect is unknown",
+            retry_after=LOST_RETRY_AFTER,
+        ) from exc

@@ -529,10 +529,8 @@ class _ScopeContext:
                     try:
                         await pool.commit(conn)
                     except Exception as error:
-                        lost = _liveness.lost(conn.raw, scope.tenant, error)
-                        if lost is None:
-                            raise
-                        raise lost from error
+                        _liveness.raise_if_lost(conn.raw, scope.tenant, error)
+                        raise
                 else:
                     # Nothing to keep: the rollback runs off the caller's path.
                     pool.release(conn, dirty=True)

@@ -19,7 +19,7 @@ import asyncpg.connection
 import asyncpg.transaction
 
 from ._errors import ConnectionReleased, TenantPoolError
-from ._liveness import lost
+from ._liveness import raise_if_lost
 
 if TYPE_CHECKING:
     from ._manager import TenantPoolManager
@@ -146,10 +146,8 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 # A connection the server or the network took away raises whatever asyncpg
                 # was doing at the time; the scope's user gets one retryable error for all.
-                error = lost(raw, self._tenant, exc)
-                if error is None:
-                    raise
-                raise error from exc
+                raise_if_lost(raw, self._tenant, exc)
+                raise
 
         wrapper: Callable[..., Any] = async_method
     else:
@@ -192,10 +190,8 @@ class ScopeTransaction(asyncpg.transaction.Transaction):
             # Called in here: asyncpg checks the connection before the coroutine begins.
             return await step(*args)
         except Exception as exc:
-            error = lost(self._connection, self._tenant, exc)  # type: ignore[attr-defined]
-            if error is None:
-                raise
-            raise error from exc
+            raise_if_lost(self._connection, self._tenant, exc)  # type: ignore[attr-defined]
+            raise
 
     async def start(self) -> None:
         await self._guarded(super().start)
