@@ -34,9 +34,10 @@ pytestmark = pytest.mark.anyio
 
 STATE_SCOPES = ["session", "transaction"]
 TENANTS = ("acme", "globex")
-# What a user may get when the link or the server fails under a scope: tenantpool's own
-# errors (a connection lost mid-scope is TenantUnavailable), asyncpg's errors of a query that
-# failed without losing its connection (a timeout, a cancelled statement), and OSError.
+# What a user may get when the link or the server fails under a scope (docs/reliability.md):
+# tenantpool's own errors (a connection lost mid-scope is TenantUnavailable), and asyncpg's
+# own from a query that failed without losing its connection (its timeout=) or from objects
+# made from the connection that talk to asyncpg directly (prepared statements, cursors).
 CLEAN_ERRORS: tuple[type[BaseException], ...] = (
     TenantPoolError,
     asyncpg.PostgresConnectionError,
