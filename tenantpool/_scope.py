@@ -214,7 +214,11 @@ def _transaction(
     deferrable: bool = False,
 ) -> ScopeTransaction:
     raw = self._live()
-    raw._check_open()  # type: ignore[attr-defined]
+    try:
+        raw._check_open()  # type: ignore[attr-defined]
+    except asyncpg.InterfaceError as exc:
+        raise_if_lost(raw, self._tenant, exc)
+        raise
     return ScopeTransaction(raw, self._tenant, isolation, readonly, deferrable)
 
 

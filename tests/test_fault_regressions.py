@@ -267,13 +267,16 @@ async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
             await drained(manager)
 
 
-@pytest.mark.parametrize("at", ["begin", "commit"])
+@pytest.mark.parametrize("at", ["create", "begin", "commit"])
 async def test_a_connection_lost_under_a_transaction_block_costs_tenant_unavailable(
     pg: PostgresCluster, at: str
 ) -> None:
     async with TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE) as manager:
         with pytest.raises(TenantUnavailable, match="lost mid-scope") as info:
             async with manager.with_connection("a") as conn:
+                if at == "create":
+                    await kill(pg, conn.get_server_pid())
+                    await until(lambda: conn.is_closed())
                 block = conn.transaction()
                 assert isinstance(block, asyncpg.transaction.Transaction)
                 if at == "begin":
