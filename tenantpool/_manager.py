@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from . import _liveness
 from ._backoff import Backoff
 from ._capacity import Capacity
 from ._deadlines import Deadlines
@@ -335,6 +336,7 @@ class TenantPoolManager:
             budget = settings.connect_timeout
             deadline = asyncio.get_running_loop().time() + budget
             raw: asyncpg.Connection = await asyncpg.connect(dsn, timeout=budget, **kwargs)
+            _liveness.watch(raw)
             if self._init is None:
                 return raw
             try:
@@ -374,7 +376,7 @@ class TenantPoolManager:
             max_total=totals.max_total,
             pools=PoolFigures(list(self._pools.values())),
             checkouts=counters.checkouts,
-            timeouts=counters.timeouts + self._quotas.timeouts,
+            timeouts=counters.timeouts + self._quotas.timeouts + self._resolver.timeouts,
             steals=counters.steals,
             recycles=counters.recycles,
             connect_errors=counters.connect_errors,
@@ -525,7 +527,11 @@ class _ScopeContext:
                 if not pool.per_transaction:
                     pool.release(conn, dirty=used)
                 elif exc_type is None and used:
-                    await pool.commit(conn)
+                    try:
+                        await pool.commit(conn)
+                    except Exception as error:
+                        _liveness.raise_if_lost(conn.raw, scope.tenant, error)
+                        raise
                 else:
                     # Nothing to keep: the rollback runs off the caller's path.
                     pool.release(conn, dirty=True)

@@ -31,7 +31,16 @@ _TIMEOUT_RETRY_AFTER = 1.0
 class ResolverCache:
     """Resolved targets by tenant id, with their expiry, and the lookups in flight."""
 
-    __slots__ = ("_clock", "_entries", "_inflight", "_resolver", "_spawn", "_ttl", "_unknown_ttl")
+    __slots__ = (
+        "_clock",
+        "_entries",
+        "_inflight",
+        "_resolver",
+        "_spawn",
+        "_ttl",
+        "_unknown_ttl",
+        "timeouts",
+    )
 
     def __init__(
         self,
@@ -52,6 +61,7 @@ class ResolverCache:
         # tenant -> (expires at, its Target or None for unknown)
         self._entries: dict[str, tuple[float, Target | None]] = {}
         self._inflight: dict[str, asyncio.Task[Target]] = {}
+        self.timeouts = 0  # lookups that cost their caller a PoolTimeout
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,7 +79,7 @@ class ResolverCache:
         if not self._ttl:
             if patience is None or self._resolver.is_mapping:  # a dict lookup cannot hang
                 return await self._resolver.resolve(tenant)
-            return await _within(self._resolver.resolve(tenant), tenant, patience)
+            return await self._within(self._resolver.resolve(tenant), tenant, patience)
         entry = self._entries.get(tenant)
         if entry is not None:
             expires, target = entry
@@ -85,7 +95,7 @@ class ResolverCache:
         # Shielded: a caller that gives up must not cancel the lookup others wait on.
         if patience is None:
             return await asyncio.shield(task)
-        return await _within(asyncio.shield(task), tenant, patience)
+        return await self._within(asyncio.shield(task), tenant, patience)
 
     async def _lookup(self, tenant: str) -> Target:
         me = asyncio.current_task()
@@ -127,20 +137,20 @@ class ResolverCache:
         for tenant in expired:
             del self._entries[tenant]
 
-
-async def _within(lookup: Awaitable[Target], tenant: str, patience: float) -> Target:
-    deadline = asyncio.timeout(patience)
-    try:
-        async with deadline:
-            return await lookup
-    except TimeoutError:
-        if not deadline.expired():
-            raise  # the resolver's own timeout, not ours: its error, as it raised it
-        raise PoolTimeout(
-            f"the resolver did not answer for tenant {tenant!r} within {patience:.2f} sec"
-            " (acquire_timeout)",
-            retry_after=_TIMEOUT_RETRY_AFTER,
-        ) from None
+    async def _within(self, lookup: Awaitable[Target], tenant: str, patience: float) -> Target:
+        deadline = asyncio.timeout(patience)
+        try:
+            async with deadline:
+                return await lookup
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the resolver's own timeout, not ours: its error, as it raised it
+            self.timeouts += 1
+            raise PoolTimeout(
+                f"the resolver did not answer for tenant {tenant!r} within {patience:.2f} sec"
+                " (acquire_timeout)",
+                retry_after=_TIMEOUT_RETRY_AFTER,
+            ) from None
 
 
 def _create_task(coro: Coroutine[Any, Any, Target]) -> asyncio.Task[Target]:

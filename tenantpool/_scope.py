@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import asyncpg.connection
+import asyncpg.transaction
 
 from ._errors import ConnectionReleased, TenantPoolError
+from ._liveness import raise_if_lost
 
 if TYPE_CHECKING:
     from ._manager import TenantPoolManager
@@ -139,7 +141,13 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                         " whichever client holds the server connection); with"
                         " state_scope='transaction' listen on a connection of its own"
                     )
-            return await getattr(raw, name)(*args, **kwargs)
+            try:
+                return await getattr(raw, name)(*args, **kwargs)
+            except Exception as exc:
+                # A connection the server or the network took away raises whatever asyncpg
+                # was doing at the time; the scope's user gets one retryable error for all.
+                raise_if_lost(raw, self._tenant, exc)
+                raise
 
         wrapper: Callable[..., Any] = async_method
     else:
@@ -158,6 +166,65 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
 for _name, _original in vars(asyncpg.Connection).items():
     if not _name.startswith("_") and inspect.isfunction(_original):
         setattr(TenantConnection, _name, _wrap(_name, _original))
+
+
+class ScopeTransaction(asyncpg.transaction.Transaction):
+    """asyncpg's transaction block, on a scope's connection: a connection lost under its
+    ``BEGIN``, ``COMMIT`` or ``ROLLBACK`` costs ``TenantUnavailable``, as any call's does."""
+
+    __slots__ = ("_tenant",)
+
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        tenant: str,
+        isolation: Any,
+        readonly: bool,
+        deferrable: bool,
+    ) -> None:
+        super().__init__(connection, isolation, readonly, deferrable)
+        self._tenant = tenant
+
+    async def _guarded(self, step: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        try:
+            # Called in here: asyncpg checks the connection before the coroutine begins.
+            return await step(*args)
+        except Exception as exc:
+            raise_if_lost(self._connection, self._tenant, exc)  # type: ignore[attr-defined]
+            raise
+
+    async def start(self) -> None:
+        await self._guarded(super().start)
+
+    async def commit(self) -> None:
+        await self._guarded(super().commit)
+
+    async def rollback(self) -> None:
+        await self._guarded(super().rollback)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._guarded(super().__aexit__, *exc_info)
+
+
+def _transaction(
+    self: TenantConnection,
+    *,
+    isolation: Any = None,
+    readonly: bool = False,
+    deferrable: bool = False,
+) -> ScopeTransaction:
+    raw = self._live()
+    try:
+        raw._check_open()  # type: ignore[attr-defined]
+    except asyncpg.InterfaceError as exc:
+        raise_if_lost(raw, self._tenant, exc)
+        raise
+    return ScopeTransaction(raw, self._tenant, isolation, readonly, deferrable)
+
+
+functools.update_wrapper(_transaction, asyncpg.Connection.transaction)
+_transaction.__qualname__ = "TenantConnection.transaction"
+TenantConnection.transaction = _transaction  # type: ignore[assignment,method-assign]
 
 
 class Scope:

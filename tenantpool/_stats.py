@@ -136,7 +136,7 @@ class ManagerStats:
     max_total: int | None
     pools: Mapping[str, PoolStats]  # a PoolFigures: each pool's snapshot, taken when first read
     checkouts: int  # completed checkouts (a nested scope reusing its outer one is not one)
-    timeouts: int  # PoolTimeout raised (quota waits that ran out included)
+    timeouts: int  # PoolTimeout raised (quota waits and resolver lookups that ran out included)
     steals: int  # idle connections of one pool closed to make room for another at the cap
     recycles: int  # connections closed for reaching their max_age
     connect_errors: int  # failed connection attempts

@@ -1,9 +1,4 @@
-"""Issue 14's seven faults, each reproduced against the real server.
-
-Item 6 lives in asyncpg's protocol state, which offers no cheap look from outside; until it
-is fixed its test is a strict xfail, which documents the defect and turns into a failure (to
-be unmarked) once it is gone.
-"""
+"""Issue 14's seven faults, each reproduced against the real server."""
 
 from __future__ import annotations
 
@@ -15,6 +10,7 @@ from collections.abc import Awaitable
 
 import anyio
 import asyncpg
+import asyncpg.transaction
 import pytest
 from _faults import FaultProxy, server_until
 from _postgres import PostgresCluster
@@ -26,7 +22,9 @@ from tenantpool import (
     PoolTimeout,
     Target,
     TenantPoolManager,
+    TenantUnavailable,
 )
+from tenantpool._liveness import Watch
 from tenantpool._scope import scopes
 
 pytestmark = pytest.mark.anyio
@@ -77,8 +75,8 @@ async def test_close_with_scopes_mid_query_leaves_no_query_running_on_the_server
     await manager.start()
 
     async def hold() -> None:
-        # close() terminates the connection under the query: a catchable error.
-        with pytest.raises(asyncpg.PostgresConnectionError):
+        # close() terminates the connection under the query: a connection lost mid-scope.
+        with pytest.raises(TenantUnavailable):
             async with manager.with_connection("a") as conn:
                 running.append(conn.get_server_pid())
                 if len(running) == holders:
@@ -188,11 +186,23 @@ async def test_an_ended_scope_keeps_neither_its_task_nor_its_connection_reachabl
 # --------------------------------------------------------------------------- 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 item 6: an idle connection that read the server's FATAL but not its EOF"
-    " is handed out; its first query fails with asyncpg's InternalClientError",
-)
+async def kill(pg: PostgresCluster, pid: int) -> None:
+    """Terminate backend ``pid`` and wait until the server has let it go."""
+    assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
+    await server_until(
+        lambda: gone(pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid))
+    )
+
+
+async def kill_when_active(pg: PostgresCluster, pid: int) -> None:
+    await server_until(
+        lambda: pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", pid
+        )
+    )
+    await kill(pg, pid)
+
+
 async def test_a_connection_the_server_killed_while_idle_is_not_handed_out(
     pg: PostgresCluster,
 ) -> None:
@@ -201,20 +211,147 @@ async def test_a_connection_the_server_killed_while_idle_is_not_handed_out(
             async with manager.with_connection("a") as conn:
                 pid = conn.get_server_pid()
             await drained(manager)
+            # The client gets the server's FATAL but not its EOF: the idle connection is
+            # not closed, and asyncpg's protocol waits for a ReadyForQuery that never comes.
             proxy.hold_eof = True
-            assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
-            await server_until(
-                lambda: gone(
-                    pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
-                )
-            )
+            await kill(pg, pid)
             try:
                 async with manager.with_connection("a") as conn:
                     assert await conn.fetchval("SELECT 1") == 1
                     assert conn.get_server_pid() != pid
+                # The dead one was dropped at once (its slot too: max_size=1).
+                assert manager.stats().total == 1
             finally:
                 proxy.hold_eof = False
                 proxy.reset_all()
+
+
+@pytest.mark.parametrize("state_scope", ["session", "transaction"])
+@pytest.mark.parametrize("when", ["between_queries", "mid_query"])
+async def test_a_connection_lost_mid_scope_costs_tenant_unavailable(
+    pg: PostgresCluster, state_scope: str, when: str
+) -> None:
+    settings = PoolSettings(max_size=1, state_scope=state_scope)  # type: ignore[arg-type]
+    killing: list[asyncio.Future[None]] = []
+    async with FaultProxy(pg.dsn()) as proxy:
+        async with TenantPoolManager({"a": Target(proxy.dsn)}, pool=settings) as manager:
+            # Between queries the FATAL arrives while the scope is idle and its EOF is held
+            # (asyncpg's InternalClientError once); mid-query the link closes under it.
+            proxy.hold_eof = when == "between_queries"
+            try:
+                with anyio.fail_after(30):
+                    with pytest.raises(TenantUnavailable, match="lost mid-scope") as info:
+                        async with manager.with_connection("a") as conn:
+                            pid = conn.get_server_pid()
+                            if when == "between_queries":
+                                await kill(pg, pid)
+                                await conn.fetchval("SELECT 1")
+                            else:
+                                killing.append(asyncio.ensure_future(kill_when_active(pg, pid)))
+                                await conn.execute("SELECT pg_sleep(30)")
+                    await asyncio.gather(*killing)
+            finally:
+                proxy.hold_eof = False
+                proxy.reset_all()
+            assert info.value.retry_after > 0
+            # The error asyncpg raised comes along: a closed connection's (the server's FATAL
+            # ended it between queries), or the loss under a running query.
+            cause = {
+                "between_queries": asyncpg.InterfaceError,
+                "mid_query": asyncpg.ConnectionDoesNotExistError,
+            }[when]
+            assert isinstance(info.value.__cause__, cause), info.value.__cause__
+            assert manager.stats().in_use == 0
+            async with manager.with_connection("a") as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+            await drained(manager)
+
+
+@pytest.mark.parametrize("at", ["create", "begin", "commit"])
+async def test_a_connection_lost_under_a_transaction_block_costs_tenant_unavailable(
+    pg: PostgresCluster, at: str
+) -> None:
+    async with TenantPoolManager({"a": Target(pg.dsn())}, pool=ONE) as manager:
+        with pytest.raises(TenantUnavailable, match="lost mid-scope") as info:
+            async with manager.with_connection("a") as conn:
+                if at == "create":
+                    await kill(pg, conn.get_server_pid())
+                    await until(lambda: conn.is_closed())
+                block = conn.transaction()
+                assert isinstance(block, asyncpg.transaction.Transaction)
+                if at == "begin":
+                    await kill(pg, conn.get_server_pid())
+                    await until(lambda: conn.is_closed())
+                async with block:
+                    await kill(pg, conn.get_server_pid())
+                    # The loop reads the FATAL and the EOF: the commit meets a closed connection.
+                    await until(lambda: conn.is_closed())
+        assert isinstance(info.value.__cause__, asyncpg.InterfaceError), info.value.__cause__
+        assert manager.stats().in_use == 0
+        async with manager.with_connection("a") as conn, conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
+
+
+class Recorder(asyncio.Protocol, asyncio.Transport):
+    """Stands in for asyncpg's protocol and for the transport on either side of a Watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[bytes] = []
+        self.lost: list[Exception | None] = []
+        self.aborted = False
+
+    def data_received(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_the_watch_ends_a_connection_on_a_read_that_ends_with_a_fatal() -> None:
+    body = b"SFATAL\x00VFATAL\x00C57P01\x00Mterminating connection due to administrator command\x00"
+    body += b"\x00"  # the message's end
+    fatal = b"E" + (len(body) + 4).to_bytes(4, "big") + body
+    ready = b"Z\x00\x00\x00\x05I"
+    rows = b"D\x00\x00\x00\x0e\x00\x01\x00\x00\x00\x04\x00\x00\x00\x07" * 10_000
+    row_with_fatal_bytes = b"D\x00\x00\x00\x1a\x00\x01\x00\x00\x00\x10" + fatal[4:20]
+    for reads, ended in [
+        ([ready], False),
+        ([fatal], True),
+        ([rows + ready + fatal], True),  # killed right after a large result
+        ([rows, ready, fatal], True),
+        ([row_with_fatal_bytes + ready], False),  # the same bytes, not ending the read
+        ([ready + row_with_fatal_bytes], False),  # ending it, but no message of that length
+    ]:
+        protocol, transport = Recorder(), Recorder()
+        watch = Watch(protocol, transport)
+        for data in reads:
+            watch.data_received(data)
+        assert b"".join(protocol.got) == b"".join(reads)  # every byte reaches asyncpg
+        assert protocol.lost == ([None] if ended else [])
+        assert transport.aborted is ended
+        watch.connection_lost(None)  # the transport's own report, after its abort
+        assert protocol.lost == [None]
+
+
+async def test_a_lost_commit_at_the_end_of_a_transaction_scope_costs_tenant_unavailable(
+    pg: PostgresCluster,
+) -> None:
+    settings = PoolSettings(max_size=1, state_scope="transaction")
+    async with TenantPoolManager({"a": Target(pg.dsn())}, pool=settings) as manager:
+        with pytest.raises(TenantUnavailable, match="lost mid-scope") as info:
+            async with manager.with_connection("a") as conn:
+                await conn.fetchval("SELECT 1")
+                await kill(pg, conn.get_server_pid())
+                # The loop reads the FATAL and the EOF: the commit meets a closed connection.
+                await until(lambda: conn.is_closed())
+        assert isinstance(info.value.__cause__, asyncpg.InterfaceError), info.value.__cause__
+        assert manager.stats().in_use == 0
+        async with manager.with_connection("a") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
 
 
 # --------------------------------------------------------------------------- 7
@@ -241,6 +378,7 @@ async def test_a_hanging_resolver_costs_the_checkout_its_acquire_timeout(
                     pass
         assert info.value.retry_after > 0
         assert manager.stats().in_use == 0
+        assert manager.stats().timeouts == 1  # counted as any PoolTimeout is
         answer.set()
         async with manager.with_connection("a") as conn:
             assert await conn.fetchval("SELECT 1") == 1
