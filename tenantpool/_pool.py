@@ -380,6 +380,8 @@ class Pool:
             return await waiter.future
         except BaseException:
             self._abandon(waiter)
+            # A failed task keeps this frame in its traceback: not the connection handed over.
+            del waiter
             raise
 
     def _abandon(self, waiter: _Waiter) -> None:
