@@ -716,8 +716,10 @@ class Pool:
             except _session.PreparedStatementsLeft:
                 if deallocate:
                     raise
-        # The deallocating path drops every other guard along with the user's statements.
-        conn.guards = (size,) if deallocate else conn.guards if ready else (*conn.guards, size)
+        if deallocate:
+            conn.guards = (size,)  # the others went with the user's statements
+        elif not ready:
+            conn.guards = (*conn.guards, size)
         _session.use_statement_cache(raw, state)
 
     async def _ping(self, conn: PooledConnection) -> None:

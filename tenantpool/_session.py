@@ -58,10 +58,10 @@ logger = logging.getLogger("tenantpool")
 # SEQUENCES instead of DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements,
 # and it cannot run in the implicit transaction of a multi-statement query.
 _CLEAN = (
-    "SET SESSION AUTHORIZATION DEFAULT;"
-    "RESET ROLE;"
     "CLOSE ALL;"
     "UNLISTEN *;"
+    "SET SESSION AUTHORIZATION DEFAULT;"
+    "RESET ROLE;"
     "RESET ALL;"
     "DISCARD TEMP;"
     "DISCARD SEQUENCES;"
