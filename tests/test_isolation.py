@@ -339,6 +339,43 @@ async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it
         await drained(manager)
 
 
+async def test_tenants_with_different_numbers_of_settings_share_a_connection_each_with_its_guard(
+    pg: PostgresCluster,
+) -> None:
+    """The reset's guard is prepared per number of settings: one connection serving tenants of
+    0, 1 and 2 settings holds a guard for each, none of them counts as the user's, each tenant
+    sees exactly its own settings, and a statement user code prepares is still deallocated
+    (which takes the other guards along: they are prepared again when needed)."""
+    dsn = pg.dsn()
+    targets = {
+        "plain": Target(dsn),
+        "one": Target(dsn, settings={"app.a": "one"}),
+        "two": Target(dsn, settings={"app.a": "two", "app.b": "two"}),
+    }
+    guards = f"SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '{GUARD}')"
+    mine = "SELECT current_setting('app.a', true), current_setting('app.b', true)"
+    expected = {"plain": [None, None], "one": ["one", None], "two": ["two", "two"]}
+    async with shared_pool_manager(targets) as manager:
+        pid = None
+        for round_ in range(3):
+            for tenant in targets:
+                async with manager.with_connection(tenant) as conn:
+                    pid = pid or conn.get_server_pid()
+                    assert conn.get_server_pid() == pid
+                    # "" after a RESET of a setting the session once had: as good as unset.
+                    seen = [v or None for v in await conn.fetchrow(mine)]
+                    assert seen == expected[tenant], (round_, tenant)
+                    assert (await leftovers(conn))["sql_prepared"] == 0
+                    if round_ == 1 and tenant == "one":
+                        await conn.execute("PREPARE iso_user_stmt AS SELECT 1")
+                    await conn.execute("SET work_mem = '9MB'")  # dirty: a reset each time
+            async with manager.with_connection("plain") as conn:
+                # After the deallocating reset (round 1) only the guards used since remain.
+                assert await conn.fetchval(guards) == (3 if round_ != 1 else 2)
+                await conn.execute("SET work_mem = '9MB'")
+        await drained(manager)
+
+
 # --------------------------------------------------------------------------- 2. released at once
 
 
