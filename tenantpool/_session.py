@@ -129,7 +129,7 @@ def reset_script(
 
     Without ``deallocate`` it raises ``PreparedStatementsLeft`` if user code left SQL-level
     prepared statements; run it again with ``deallocate=True`` then. Both leave the guard for
-    this number of settings prepared (it is prepared first unless ``guard_ready``; the
+    this number of settings prepared (the script prepares it unless ``guard_ready``; the
     deallocating path drops every other guard). ``baseline`` (what the manager's ``init`` set,
     see ``adopt_init_session``) is restored after ``RESET ALL``, before ``state``.
     """
@@ -142,12 +142,16 @@ def reset_script(
 def _script(settings: SessionState, in_transaction: bool, ready: bool, deallocate: bool) -> str:
     script = "ROLLBACK;" if in_transaction else ""
     if deallocate:
-        script += _DEALLOCATE_SQL_PREPARED + _prepare_guard(len(settings))
-    elif not ready:
+        script += _DEALLOCATE_SQL_PREPARED
+    script += _CLEAN
+    # Prepared and run after RESET ALL: its names resolve under the default search_path, never
+    # under one the scope set, where an operator of the user's could neutralise the check
+    # (pg_catalog's functions are qualified; its operators and casts are not). Run last, the
+    # guard also keeps one plan: the search_path it runs under is the same every time.
+    if deallocate or not ready:
         script += _prepare_guard(len(settings))
     args = ", ".join(f"{quote_literal(name)}, {quote_literal(value)}" for name, value in settings)
-    run = f"EXECUTE {guard_name(len(settings))}{f'({args})' if args else ''};"
-    return script + _CLEAN + run
+    return script + f"EXECUTE {guard_name(len(settings))}{f'({args})' if args else ''};"
 
 
 @functools.cache  # keyed by the number of settings: a handful of entries

@@ -339,6 +339,35 @@ async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it
         await drained(manager)
 
 
+async def test_the_guard_is_prepared_under_the_default_search_path_not_the_scopes(
+    pg: PostgresCluster, admin: asyncpg.Connection
+) -> None:
+    """A ``/`` operator user code puts ahead of pg_catalog on its search_path never reaches the
+    reset's guard (prepared after RESET ALL), so a statement the scope PREPAREd still goes."""
+    schema = unique_name("iso_evil")
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        # A division that never divides by zero: in the guard it would let the statement live.
+        await admin.execute(
+            f"CREATE FUNCTION {schema}.never_fails(int, int) RETURNS int LANGUAGE sql AS 'SELECT 1'"
+        )
+        await admin.execute(
+            f"CREATE OPERATOR {schema}./ (LEFTARG = int, RIGHTARG = int,"
+            f" FUNCTION = {schema}.never_fails)"
+        )
+        async with shared_pool_manager({"acme": Target(pg.dsn())}) as manager:
+            async with manager.with_connection("acme") as conn:
+                await conn.execute(f"SET search_path = {schema}, pg_catalog")
+                assert await conn.fetchval("SELECT 1 / 0") == 1  # the operator is in force
+                await conn.execute("PREPARE iso_user_stmt AS SELECT 1")
+            async with manager.with_connection("acme") as conn:
+                assert (await leftovers(conn))["sql_prepared"] == 0
+                assert await conn.fetchval("SHOW search_path") != f"{schema}, pg_catalog"
+            await drained(manager)
+    finally:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 async def test_tenants_with_different_numbers_of_settings_share_a_connection_each_with_its_guard(
     pg: PostgresCluster,
 ) -> None:
