@@ -39,6 +39,7 @@ SCENARIOS = (
     "sqlalchemy",
     "bursts",
     "overload",
+    "reset_cost",
 )
 # What the bench extra (pip install -e ".[bench]") brings, by who needs it; the rest of the
 # runner needs only what the test suite has.

@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tenantpool import PoolSettings, Target, TenantPoolManager
+
 from . import _contenders as c
 from ._harness import Context, Goal, Report, interleave, median, ratio, table, timed_loop
 
 TITLE = "1. Checkout latency: one tenant, sequential checkout + SELECT 1 + release"
 POOL_SIZE = 10
+# min_size=0: a task checking out in sequence holds one connection, and each checkout waits
+# for the reset of the one before (issue 10's "sequential single task").
+ONE = "tenantpool, one connection held"
 
 
 def run(ctx: Context) -> Report:
     iterations = ctx.pick(1000, 2000)
-    results = asyncio.run(_measure(ctx.shared.dsn(), ctx.rounds, iterations))
+    results, held = asyncio.run(_measure(ctx.shared.dsn(), ctx.rounds, iterations))
     medians = {name: median(values) for name, values in results.items()}
-    bare, pool, ours = medians[c.BARE], medians[c.POOL], medians[c.TENANTPOOL]
+    bare, pool, ours, one = (medians[n] for n in (c.BARE, c.POOL, c.TENANTPOOL, ONE))
     rows = [
         [name, f"{value:.0f}", f"{ratio(value, bare):.2f}x", f"{ratio(value, pool):.2f}x"]
         for name, value in medians.items()
@@ -27,25 +32,51 @@ def run(ctx: Context) -> Report:
         table=table(["contender", "median µs per cycle", "vs bare", "vs asyncpg.Pool"], rows),
         notes=[
             f"{iterations} cycles per contender per round, {ctx.rounds} rounds interleaved;"
-            f" pools of {POOL_SIZE}. tenantpool resets every connection after use (rollback,"
-            " advisory locks, LISTEN, role, settings, temp tables) and re-applies the tenant's"
-            " setting in that same round trip, off the caller's path."
+            f" pools of {POOL_SIZE} (opened beforehand, as the peers' pools do at creation),"
+            f" but for {ONE!r}: max_size={POOL_SIZE}, min_size=0. tenantpool resets every"
+            " connection after use (rollback, advisory locks, LISTEN, role, settings, temp"
+            " tables, SQL prepared statements) and re-applies the tenant's setting in that same"
+            " round trip, off the caller's path: with idle connections to spare, the next"
+            f" checkout does not wait for it; with one connection, it does ({ONE!r} ended"
+            f" with {held} connection(s))."
         ],
         goals=[
             Goal("tenantpool ≤ 0.75x asyncpg.Pool", ours <= 0.75 * pool, f"{ours / pool:.2f}x"),
             Goal("tenantpool ≤ 1.3x a bare connection", ours <= 1.3 * bare, f"{ours / bare:.2f}x"),
+            Goal(
+                "one connection held: tenantpool ≤ 1.0x asyncpg.Pool",
+                one <= pool,
+                f"{one / pool:.2f}x",
+            ),
         ],
-        data={"iterations": iterations, "us_per_cycle": results, "median_us": medians},
+        data={
+            "iterations": iterations,
+            "us_per_cycle": results,
+            "median_us": medians,
+            "one_connection_held": held,
+        },
         plot=lambda ax: _plot(ax, results),
     )
 
 
-async def _measure(dsn: str, rounds: int, iterations: int) -> dict[str, list[float]]:
-    async with c.contenders(dsn, POOL_SIZE) as steps:
-        return await interleave(
+async def _measure(dsn: str, rounds: int, iterations: int) -> tuple[dict[str, list[float]], int]:
+    target = Target(dsn, settings={"app.tenant_id": c.TENANT})
+    settings = PoolSettings(max_size=POOL_SIZE)
+    async with (
+        c.contenders(dsn, POOL_SIZE) as steps,
+        TenantPoolManager({c.TENANT: target}, pool=settings) as manager,
+    ):
+
+        async def one() -> None:
+            async with manager.with_connection(c.TENANT) as conn:
+                await conn.fetchval("SELECT 1")
+
+        steps = {**steps, ONE: one}
+        results = await interleave(
             rounds,
             {name: (lambda s=step: timed_loop(s, iterations)) for name, step in steps.items()},
         )
+        return results, manager.stats().total
 
 
 def _plot(ax: Any, results: dict[str, list[float]]) -> None:

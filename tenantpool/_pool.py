@@ -82,7 +82,7 @@ class PooledConnection:
         "cut_off",
         "expires_at",
         "generation",
-        "guard_ready",
+        "guards",
         "last_checked",
         "last_used",
         "next_state",
@@ -111,7 +111,8 @@ class PooledConnection:
         self.applied: SessionState | None = ()
         self.close_on_release = False
         self.cut_off = False  # terminated by the watchdog: its slot is held a while
-        self.guard_ready = False  # the reset's prepared-statement guard is prepared on it
+        # The reset's guards prepared on it, by number of settings (see _session.GUARD).
+        self.guards: tuple[int, ...] = ()
         self.next_state: SessionState | None = None  # for the reset: whom to prepare it for
 
 
@@ -652,9 +653,12 @@ class Pool:
     async def _clean(self, conn: PooledConnection, state: SessionState) -> None:
         """One round trip (two if user code left SQL prepared statements): clean, ``state`` set."""
         raw = conn.raw
-        if not conn.guard_ready:
-            # The first reset prepares the guard afresh, so it cannot tell whether user code
-            # wiped the connection's statements (DEALLOCATE ALL, DISCARD ALL); asyncpg's cached
+        baseline = _session.baseline_of(raw)
+        size = len(baseline) + len(state)
+        ready = size in conn.guards
+        if not ready:
+            # A guard prepared afresh cannot tell whether user code wiped the connection's
+            # statements (DEALLOCATE ALL, DISCARD ALL) since the last reset; asyncpg's cached
             # ones may be gone, so it prepares them again. Later wipes take the guard along,
             # and that reset fails instead.
             _session.drop_statement_caches(raw)
@@ -662,9 +666,9 @@ class Pool:
             script = _session.reset_script(
                 state,
                 in_transaction=raw.is_in_transaction(),
-                guard_ready=conn.guard_ready,
+                guard_ready=ready,
                 deallocate=deallocate,
-                baseline=_session.baseline_of(raw),
+                baseline=baseline,
             )
             try:
                 # No timeout here: a timer per release costs more than the query's own client
@@ -674,7 +678,10 @@ class Pool:
             except _session.PreparedStatementsLeft:
                 if deallocate:
                     raise
-        conn.guard_ready = True
+        if deallocate:
+            conn.guards = (size,)  # the others went with the user's statements
+        elif not ready:
+            conn.guards = (*conn.guards, size)
         _session.use_statement_cache(raw, state)
 
     async def _ping(self, conn: PooledConnection) -> None:

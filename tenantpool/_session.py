@@ -43,6 +43,7 @@ __all__ = [
     "canceller",
     "drop_statement_caches",
     "forget_client_state",
+    "guard_name",
     "quote_literal",
     "reset_script",
     "settle",
@@ -53,9 +54,9 @@ logger = logging.getLogger("tenantpool")
 
 # Order matters: SET SESSION AUTHORIZATION DEFAULT before RESET ROLE and RESET ALL, because
 # ``role`` and ``session_authorization`` are exempt from RESET ALL; the tenant's settings come
-# last, in the one SELECT that also drops advisory locks. DISCARD TEMP / SEQUENCES instead of
-# DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements, and it cannot run in
-# the implicit transaction of a multi-statement query.
+# last, in the guard's SELECT (below), which also drops advisory locks. DISCARD TEMP /
+# SEQUENCES instead of DISCARD ALL: DISCARD ALL also deallocates asyncpg's cached statements,
+# and it cannot run in the implicit transaction of a multi-statement query.
 _CLEAN = (
     "CLOSE ALL;"
     "UNLISTEN *;"
@@ -67,26 +68,29 @@ _CLEAN = (
 )
 # Statements user code PREPAREd in SQL must go, asyncpg's own must stay. Deallocating them
 # takes a DO block (~80 us of server time), so the usual script only checks: the guard divides
-# by zero, failing the whole script, exactly when such a statement exists. Planning the check
-# costs more than running it, so it is itself prepared, once per connection, under a name no
-# user code picks by accident. User code that deallocates it (DEALLOCATE ALL, DISCARD ALL)
-# has likely dropped asyncpg's statements too: the reset then fails and the connection, its
-# state unknown, is closed.
+# by zero, failing the whole script, exactly when such a statement exists. The guard is the
+# script's one SELECT: it also drops advisory locks and sets the session state (baseline and
+# tenant settings), as parameters, so that its plan is made once per connection (planning
+# costs more than running it) and the script runs one SELECT, not two (each costs about as
+# much as all the utility statements together). There is one guard per number of settings,
+# prepared on a connection when first needed, under names no user code picks by accident.
+# User code that deallocates one (DEALLOCATE ALL, DISCARD ALL) has likely dropped asyncpg's
+# statements too: the reset then fails and the connection, its state unknown, is closed.
 GUARD = "tenantpool_guard_" + secrets.token_hex(6)
-_PREPARE_GUARD = (
-    f"PREPARE {GUARD} AS SELECT 1 / (NOT from_sql)::int"
-    f" FROM pg_catalog.pg_prepared_statements WHERE from_sql AND name <> '{GUARD}';"
-)
-_RUN_GUARD = f"EXECUTE {GUARD};"
 _DEALLOCATE_SQL_PREPARED = (
     "DO $tenantpool$DECLARE s record; BEGIN"
     " FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP"
     " EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(s.name); END LOOP; END$tenantpool$;"
 )
 # The reset script fails with one of these when the guard found statements to deallocate, or
-# when the guard exists though the connection was thought not to have it (PREPARE outlives the
+# when a guard exists though the connection was thought not to have it (PREPARE outlives the
 # rollback of a script that failed later on); the deallocating path then runs.
 PreparedStatementsLeft = (asyncpg.DivisionByZeroError, asyncpg.DuplicatePreparedStatementError)
+
+
+def guard_name(settings: int) -> str:
+    """The name of the reset's guard for ``settings`` session settings (see ``GUARD``)."""
+    return f"{GUARD}_{settings}"
 
 
 def quote_literal(value: str) -> str:
@@ -100,15 +104,17 @@ def quote_literal(value: str) -> str:
     return "'" + quoted + "'"
 
 
-# Cached: every dirty release of a tenant's connection needs the same text. Bounded, because
-# a service may see far more tenants over time than it serves at once.
-@functools.lru_cache(maxsize=4096)
-def _final_select(pairs: SessionState) -> str:
+def _prepare_guard(settings: int) -> str:
+    types = ", ".join(["text"] * (2 * settings))
     calls = "".join(
-        f", pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
-        for name, value in pairs
+        f" pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)," for i in range(settings)
     )
-    return f"SELECT pg_catalog.pg_advisory_unlock_all(){calls};"
+    return (
+        f"PREPARE {guard_name(settings)}{f'({types})' if types else ''} AS SELECT"
+        f" pg_catalog.pg_advisory_unlock_all(),{calls} 1 / (NOT EXISTS (SELECT FROM"
+        " pg_catalog.pg_prepared_statements WHERE from_sql AND NOT"
+        f" pg_catalog.starts_with(name, '{GUARD}')))::int;"
+    )
 
 
 def reset_script(
@@ -122,16 +128,30 @@ def reset_script(
     """The script that cleans a connection and, if ``state`` is known, re-applies it.
 
     Without ``deallocate`` it raises ``PreparedStatementsLeft`` if user code left SQL-level
-    prepared statements; run it again with ``deallocate=True`` then. Both leave the guard
-    prepared (it is prepared first unless ``guard_ready``). ``baseline`` (what the manager's
-    ``init`` set, see ``adopt_init_session``) is restored after ``RESET ALL``, before ``state``.
+    prepared statements; run it again with ``deallocate=True`` then. Both leave the guard for
+    this number of settings prepared (the script prepares it unless ``guard_ready``; the
+    deallocating path drops every other guard). ``baseline`` (what the manager's ``init`` set,
+    see ``adopt_init_session``) is restored after ``RESET ALL``, before ``state``.
     """
+    return _script(baseline + state if state else baseline, in_transaction, guard_ready, deallocate)
+
+
+# Cached: every dirty release of a tenant's connection needs the same text. Bounded, because
+# a service may see far more tenants over time than it serves at once.
+@functools.lru_cache(maxsize=4096)
+def _script(settings: SessionState, in_transaction: bool, ready: bool, deallocate: bool) -> str:
     script = "ROLLBACK;" if in_transaction else ""
     if deallocate:
-        script += _DEALLOCATE_SQL_PREPARED + _PREPARE_GUARD
-    else:
-        script += _RUN_GUARD if guard_ready else _PREPARE_GUARD + _RUN_GUARD
-    return script + _CLEAN + _final_select(baseline + state if state else baseline)
+        script += _DEALLOCATE_SQL_PREPARED
+    script += _CLEAN
+    # Prepared and run after RESET ALL: its names resolve under the default search_path, never
+    # under one the scope set, where an operator of the user's could neutralise the check
+    # (pg_catalog's functions are qualified; its operators and casts are not). Run last, the
+    # guard also keeps one plan: the search_path it runs under is the same every time.
+    if deallocate or not ready:
+        script += _prepare_guard(len(settings))
+    args = ", ".join(f"{quote_literal(name)}, {quote_literal(value)}" for name, value in settings)
+    return script + f"EXECUTE {guard_name(len(settings))}{f'({args})' if args else ''};"
 
 
 @functools.cache  # keyed by the number of settings: a handful of entries

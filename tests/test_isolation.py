@@ -25,7 +25,7 @@ from tenantpool import (
     TenantPoolManager,
     TenantUnavailable,
 )
-from tenantpool._session import GUARD
+from tenantpool._session import GUARD, guard_name
 
 pytestmark = pytest.mark.anyio
 
@@ -37,13 +37,13 @@ SELECT
     (SELECT count(*) FROM pg_catalog.pg_class c
       WHERE c.relnamespace = pg_catalog.pg_my_temp_schema()) AS temp_relations,
     (SELECT count(*) FROM pg_catalog.pg_prepared_statements
-      WHERE from_sql AND name <> '{GUARD}') AS sql_prepared,
+      WHERE from_sql AND NOT starts_with(name, '{GUARD}')) AS sql_prepared,
     (SELECT count(*) FROM pg_catalog.pg_listening_channels()) AS listening_channels,
     (SELECT count(*) FROM pg_catalog.pg_locks
       WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) AS advisory_locks,
     (SELECT count(*) FROM pg_catalog.pg_cursors) AS cursors,
     pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL AS xid_assigned
-"""  # the reset's own prepared check, like asyncpg's statements, stays
+"""  # the reset's own prepared guards, like asyncpg's statements, stay
 STATE_OF_PID_SQL = "SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = $1"
 SETTINGS_SQL = "SELECT name, setting, source FROM pg_catalog.pg_settings ORDER BY name"
 
@@ -305,7 +305,7 @@ async def test_type_codec_set_in_a_scope_does_not_reach_the_next_tenant(
         # connection's state is unknown then, so it is closed rather than reused.
         ("DEALLOCATE ALL", False),
         ("DISCARD ALL", False),
-        (f"DEALLOCATE {GUARD}", False),
+        (f"DEALLOCATE {guard_name(0)}", False),
     ],
 )
 async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it(
@@ -314,7 +314,9 @@ async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it
     """The reset's guard is prepared once per connection; whatever user code does to it, the
     next scope finds no statement of the user's, a guard in working order, and a working
     connection."""
-    count_sql = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql AND name <> $1"
+    count_sql = (
+        "SELECT count(*) FROM pg_prepared_statements WHERE from_sql AND NOT starts_with(name, $1)"
+    )
     async with shared_pool_manager({"acme": Target(pg.dsn())}) as manager:
         async with manager.with_connection("acme") as conn:
             pid = conn.get_server_pid()
@@ -327,11 +329,79 @@ async def test_the_prepared_statement_guard_survives_user_code_tampering_with_it
             assert await conn.fetchval(count_sql, GUARD) == 0
             await conn.execute("SET work_mem = '9MB'")
         async with manager.with_connection("acme") as conn:
+            # A target without settings: the guard for none.
             statement = await conn.fetchval(
-                "SELECT statement FROM pg_prepared_statements WHERE name = $1", GUARD
+                "SELECT statement FROM pg_prepared_statements WHERE name = $1", guard_name(0)
             )
-            assert f"PREPARE {GUARD} AS SELECT 1 / (NOT from_sql)" in statement
+            assert f"PREPARE {guard_name(0)} AS SELECT" in statement
+            assert "1 / (NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements" in statement
             assert await conn.fetchval("SHOW work_mem") != "9MB"
+        await drained(manager)
+
+
+async def test_the_guard_is_prepared_under_the_default_search_path_not_the_scopes(
+    pg: PostgresCluster, admin: asyncpg.Connection
+) -> None:
+    """A ``/`` operator user code puts ahead of pg_catalog on its search_path never reaches the
+    reset's guard (prepared after RESET ALL), so a statement the scope PREPAREd still goes."""
+    schema = unique_name("iso_evil")
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        # A division that never divides by zero: in the guard it would let the statement live.
+        await admin.execute(
+            f"CREATE FUNCTION {schema}.never_fails(int, int) RETURNS int LANGUAGE sql AS 'SELECT 1'"
+        )
+        await admin.execute(
+            f"CREATE OPERATOR {schema}./ (LEFTARG = int, RIGHTARG = int,"
+            f" FUNCTION = {schema}.never_fails)"
+        )
+        async with shared_pool_manager({"acme": Target(pg.dsn())}) as manager:
+            async with manager.with_connection("acme") as conn:
+                await conn.execute(f"SET search_path = {schema}, pg_catalog")
+                assert await conn.fetchval("SELECT 1 / 0") == 1  # the operator is in force
+                await conn.execute("PREPARE iso_user_stmt AS SELECT 1")
+            async with manager.with_connection("acme") as conn:
+                assert (await leftovers(conn))["sql_prepared"] == 0
+                assert await conn.fetchval("SHOW search_path") != f"{schema}, pg_catalog"
+            await drained(manager)
+    finally:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_tenants_with_different_numbers_of_settings_share_a_connection_each_with_its_guard(
+    pg: PostgresCluster,
+) -> None:
+    """The reset's guard is prepared per number of settings: one connection serving tenants of
+    0, 1 and 2 settings holds a guard for each, none of them counts as the user's, each tenant
+    sees exactly its own settings, and a statement user code prepares is still deallocated
+    (which takes the other guards along: they are prepared again when needed)."""
+    dsn = pg.dsn()
+    targets = {
+        "plain": Target(dsn),
+        "one": Target(dsn, settings={"app.a": "one"}),
+        "two": Target(dsn, settings={"app.a": "two", "app.b": "two"}),
+    }
+    guards = f"SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '{GUARD}')"
+    mine = "SELECT current_setting('app.a', true), current_setting('app.b', true)"
+    expected = {"plain": [None, None], "one": ["one", None], "two": ["two", "two"]}
+    async with shared_pool_manager(targets) as manager:
+        pid = None
+        for round_ in range(3):
+            for tenant in targets:
+                async with manager.with_connection(tenant) as conn:
+                    pid = pid or conn.get_server_pid()
+                    assert conn.get_server_pid() == pid
+                    # "" after a RESET of a setting the session once had: as good as unset.
+                    seen = [v or None for v in await conn.fetchrow(mine)]
+                    assert seen == expected[tenant], (round_, tenant)
+                    assert (await leftovers(conn))["sql_prepared"] == 0
+                    if round_ == 1 and tenant == "one":
+                        await conn.execute("PREPARE iso_user_stmt AS SELECT 1")
+                    await conn.execute("SET work_mem = '9MB'")  # dirty: a reset each time
+            async with manager.with_connection("plain") as conn:
+                # After the deallocating reset (round 1) only the guards used since remain.
+                assert await conn.fetchval(guards) == (3 if round_ != 1 else 2)
+                await conn.execute("SET work_mem = '9MB'")
         await drained(manager)
 
 
@@ -665,7 +735,7 @@ async def test_hostile_schema_role_and_setting_values_never_execute_sql(
                             assert (
                                 await conn.fetchval(
                                     "SELECT count(*) FROM pg_prepared_statements"
-                                    f" WHERE from_sql AND name <> '{GUARD}'"
+                                    f" WHERE from_sql AND NOT starts_with(name, '{GUARD}')"
                                 )
                                 == 0
                             )
