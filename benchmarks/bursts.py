@@ -42,7 +42,7 @@ def run(ctx: Context) -> Report:
         title=TITLE,
         table=table(["measure", "value"], rows),
         goals=[
-            Goal("sequential single task holds 1 connection (≤ 2)", held <= 2, str(held)),
+            Goal("sequential single task holds ≤ 2 connections", held <= 2, str(held)),
             Goal("no steals under the cap", steals == 0, str(steals)),
             Goal("spike: pool ends ≤ 7 connections", size <= 7, str(size)),
             Goal(

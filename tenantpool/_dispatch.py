@@ -10,7 +10,9 @@ how many of those left a slot should be asked of the capacity. It counts what is
 (connections set aside come back within a round trip, opens and slots asked for are under way)
 before it grows, so a checkout waits for its pool's own connection rather than opening one, or
 stealing another tenant's at the cap; and while connections are out it grows ``growth_step``
-at a time, so a burst the pool clears in milliseconds does not leave it at ``max_size``.
+at a time, so a burst the pool clears in milliseconds does not leave it at ``max_size``. The one
+exception is a lone task checking out in sequence: two connections, one reset while the other
+serves, spare it the reset's round trip on every checkout.
 Whichever connection frees first serves whoever is first then: no waiter owns the connection
 opened because of it.
 
@@ -53,6 +55,8 @@ class Plan(Generic[W, C]):
     gone: list[tuple[W, bool]] = field(default_factory=list)
     # Ask the capacity for a slot for each: a grant is ``granted(w)``, a queue ``queued(w)``.
     ask: list[W] = field(default_factory=list)
+    # Open a second connection if a slot is free (no queueing, no stealing): see ``_lone``.
+    spare: bool = False
 
 
 class Dispatch(Generic[C, W]):
@@ -202,6 +206,7 @@ class Dispatch(Generic[C, W]):
                 plan.serve.append(Serve(waiter, conn, self._forget(waiter, served=True)))
         deficit = self._deficit()
         if deficit <= 0:
+            plan.spare = self._lone()
             return plan
         for waiter in self.fair_order(len(self.queued) + deficit + 1):
             if len(plan.ask) >= deficit:
@@ -212,6 +217,13 @@ class Dispatch(Generic[C, W]):
             elif waiter not in self.queued:
                 plan.ask.append(waiter)
         return plan
+
+    def _lone(self) -> bool:
+        """A lone task checking out in sequence finds the pool's one connection still being
+        reset from its last scope. A second connection (in a free slot only) lets each of its
+        checkouts take the one not being reset, so none waits for a reset's round trip; it
+        grows no further, as one connection always comes back while the other is out."""
+        return bool(self.waiters) and self.size == 1 == len(self.aside) and self.max_size > 1
 
     def _deficit(self) -> int:
         """How many waiters nothing under way will serve: a slot is to be asked for each."""

@@ -844,6 +844,9 @@ class Pool:
                 self._dispatch.queued_at_cap(waiter)
             else:
                 carry_out(self._capacity, decision)
+        if plan.spare and self._rejecting() is None and self._capacity.take():
+            self._dispatch.granted()
+            self._grow()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)

@@ -112,7 +112,9 @@ def test_runner_writes_report_json_and_plots(tmp_path: Path) -> None:
         assert [g["text"] for g in data["goals"]["checkout"]] == [
             "tenantpool ≤ 0.75x asyncpg.Pool",
             "tenantpool ≤ 1.3x a bare connection",
-            "one connection held: tenantpool ≤ 1.0x asyncpg.Pool",
+            "a lone task: tenantpool ≤ 1.0x asyncpg.Pool",
+            "a lone task: tenantpool ≤ 1.3x a bare connection",
+            "a lone task holds ≤ 2 connections",
         ]
     for name in scenarios:
         plotted = out / f"{name}.png"

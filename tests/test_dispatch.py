@@ -13,11 +13,12 @@ from tenantpool import PoolSettings, Target, TenantPoolManager
 pytestmark = pytest.mark.anyio
 
 
-async def test_sequential_checkouts_reuse_one_connection(
+async def test_sequential_checkouts_hold_at_most_two_connections(
     pg: PostgresCluster, login: tuple[str, str]
 ) -> None:
-    """The released connection is still being reset when the next checkout comes: that
-    checkout waits one round trip for it instead of opening a second one."""
+    """The released connection is still being reset when the next checkout comes: the pool
+    opens a second one at most (each checkout then takes the one not being reset), never
+    more, however many checkouts follow."""
     targets = {"a": Target(pg.dsn(*login), settings={"app.tenant_id": "a"})}
     async with TenantPoolManager(targets, pool=PoolSettings(max_size=10)) as manager:
         peak = 0
@@ -26,9 +27,10 @@ async def test_sequential_checkouts_reuse_one_connection(
                 assert await conn.fetchval("SELECT 1") == 1
                 peak = max(peak, manager.stats().total)
         await drained(manager)
-        assert peak == 1
-        assert manager.stats().total == 1
-        assert await server_connections(pg, login[0]) == 1
+        assert 1 <= peak <= 2
+        assert manager.stats().total <= 2
+        assert await server_connections(pg, login[0]) <= 2
+        assert manager.stats().steals == 0
 
 
 async def test_sequential_checkouts_at_the_cap_steal_nothing(

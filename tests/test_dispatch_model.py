@@ -116,6 +116,13 @@ class PoolModel(RuleBasedStateMachine):
                     self.dispatch.queued_at_cap(waiter)
                 else:
                     self.carry_out(decision)
+            if plan.spare:
+                # A lone task's second connection: only while its one connection is being
+                # reset and a checkout waits for it, and only in a free slot.
+                d = self.dispatch
+                assert d.size == len(d.aside) == 1 and d.waiters and not plan.ask
+                if self.cap.take():
+                    d.granted()
             if not plan.serve and not plan.gone and not plan.ask:
                 return
 
