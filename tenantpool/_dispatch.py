@@ -10,11 +10,11 @@ how many of those left a slot should be asked of the capacity. It counts what is
 (connections set aside come back within a round trip, opens and slots asked for are under way)
 before it grows, so a checkout waits for its pool's own connection rather than opening one, or
 stealing another tenant's at the cap; and while connections are out it grows ``growth_step``
-at a time, so a burst the pool clears in milliseconds does not leave it at ``max_size``. The one
-exception is a lone task checking out in sequence: two connections, one reset while the other
-serves, spare it the reset's round trip on every checkout.
+at a time, so a burst the pool clears in milliseconds does not leave it at ``max_size``.
 Whichever connection frees first serves whoever is first then: no waiter owns the connection
-opened because of it.
+opened because of it. The one exception to reuse before growth is a lone task checking out in
+sequence: two connections, one reset while the other serves, spare it the reset's round trip
+on every checkout.
 
 Two facts only the pool's I/O side knows are asked through callables: whether an idle
 connection is still usable (the server may have closed it) and whether a waiter still waits
@@ -48,12 +48,12 @@ class Serve(Generic[W, C]):
 
 @dataclass(slots=True)
 class Plan(Generic[W, C]):
-    """What ``assign`` decided, for the pool to carry out in this order."""
+    """What ``assign`` decided, for the pool to carry out."""
 
     serve: list[Serve[W, C]] = field(default_factory=list)
     # Waiters found no longer waiting and forgotten, with whether they were queued at the cap.
     gone: list[tuple[W, bool]] = field(default_factory=list)
-    # Ask the capacity for a slot for each: a grant is ``granted(w)``, a queue ``queued(w)``.
+    # Ask the capacity for a slot for each: a grant is ``granted(w)``, a queue ``queued_at_cap(w)``.
     ask: list[W] = field(default_factory=list)
     # Open a second connection if a slot is free (no queueing, no stealing): see ``_lone``.
     spare: bool = False
