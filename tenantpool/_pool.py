@@ -692,10 +692,10 @@ class Pool:
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
         self._dispatch.set_aside(conn, time.monotonic())
-        # The pool's own task, not the supervisor's: every dirty release starts one, and two
-        # done callbacks (the supervisor's and the pool's books) cost about as much as the
-        # task itself. close() awaits it all the same: a pool with a task running is never
-        # forgotten, and its close() ends them. It takes itself off the books (see _tend).
+        # The pool's own task, not the supervisor's: every dirty release starts one, and done
+        # callbacks keeping two sets of books made its life half as dear again. It takes
+        # itself off the pool's books as it ends (see _tend); the manager's close() still
+        # awaits it, through the pool's close() (a pool with a task running is never forgotten).
         self._tasks.add(asyncio.get_running_loop().create_task(self._tend(conn, work)))
 
     async def _tend(
