@@ -692,7 +692,11 @@ class Pool:
     ) -> None:
         """Run ``work`` (a reset or a ping) on a connection nobody can have meanwhile."""
         self._dispatch.set_aside(conn, time.monotonic())
-        self._track(self._spawn(self._tend(conn, work)))
+        # The pool's own task, not the supervisor's: every dirty release starts one, and done
+        # callbacks keeping two sets of books made its life half as dear again. It takes
+        # itself off the pool's books as it ends (see _tend); the manager's close() still
+        # awaits it, through the pool's close() (a pool with a task running is never forgotten).
+        self._tasks.add(asyncio.get_running_loop().create_task(self._tend(conn, work)))
 
     async def _tend(
         self, conn: PooledConnection, work: Callable[[PooledConnection], Awaitable[None]]
@@ -712,6 +716,7 @@ class Pool:
         finally:
             self._dispatch.back(conn)
             conn.last_checked = time.monotonic()
+            self._tasks.discard(asyncio.current_task())
             if ok:
                 self._make_idle(conn)
             else:

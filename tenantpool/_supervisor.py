@@ -1,7 +1,9 @@
 """Every task a manager starts, so that ``close()`` can wait for all of them.
 
-Pools open, reset, ping and close connections in tasks; the resolver cache looks tenants up in
-tasks; the background task is one. All are spawned here. ``close()`` lets the pools finish
+Pools open and close connections in tasks; the resolver cache looks tenants up in tasks; the
+background task is one. All are spawned here, but a pool's resets and pings (one per dirty
+release, on the hot path): those are the pool's own, and the manager's ``close()`` awaits each
+pool's ``close()``, which ends them, before it stops these. ``close()`` lets the pools finish
 their work within its budget, then cancels what is left, and repeats until none is left: work
 cut short may start more (a reset that fails closes its connection), and those are awaited
 too, so nothing of the manager runs after ``close()`` returns.
