@@ -1068,15 +1068,22 @@ class Pool:
                     await drained.wait()
             except TimeoutError:
                 logger.warning(
-                    "tenantpool: terminating %d connection(s) of %s still checked out at close",
+                    "tenantpool: terminating %d connection(s) of %s still checked out, and"
+                    " %d being reset, at close",
                     len(self._dispatch.in_use),
                     self.name,
+                    len(self._dispatch.aside),
                 )
         # The server notices a closed socket only when it next writes: a query it is running
         # would go on for as long as it takes, so each is cancelled too.
         cancels = []
         for conn in list(self._dispatch.in_use):
             cancels.append(_session.canceller(conn.raw))
+            conn.raw.terminate()
+        # Resets and pings still running fail on their own once cut off, and close their
+        # connections; cancelled mid-query instead, asyncpg would open a connection of its own
+        # to cancel the query, and the close would cut that one short too.
+        for conn in list(self._dispatch.aside):
             conn.raw.terminate()
         if cancels:
             budget = self.settings.connect_timeout
@@ -1089,6 +1096,10 @@ class Pool:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
+        # A reset cancelled before its first step never reached its clean-up.
+        for conn in list(self._dispatch.aside):
+            self._dispatch.back(conn)
+            self._discard(conn)
 
 
 async def _close_gracefully(raw: asyncpg.Connection, budget: float) -> bool:

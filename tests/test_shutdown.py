@@ -63,3 +63,21 @@ async def test_close_leaves_no_task_of_the_manager_running(
     with anyio.fail_after(10):  # the server ends a closed backend a moment later
         while await server_connections(pg, login[0]):  # noqa: ASYNC110
             await anyio.sleep(0.01)
+
+
+async def test_close_right_after_a_release_closes_the_connection_being_reset(
+    pg: PostgresCluster, login: tuple[str, str]
+) -> None:
+    """With close_timeout=0, close() cancels a reset task that has not run its first step yet:
+    its connection must still be closed, not left open and counted as being reset."""
+    manager = TenantPoolManager({"a": Target(pg.dsn(*login))}, close_timeout=0)
+    await manager.start()
+    async with manager.with_connection("a") as conn:
+        await conn.execute("SET work_mem = '8MB'")
+    # The release set the connection aside; its reset task has not started.
+    assert manager.stats().pools and next(iter(manager.stats().pools.values())).releasing == 1
+    await manager.close()
+    assert manager.stats().total == 0
+    with anyio.fail_after(10):  # the server ends a closed backend a moment later
+        while await server_connections(pg, login[0]):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
