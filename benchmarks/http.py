@@ -97,6 +97,40 @@ def expected_notes(tenant: str, tenants: Sequence[str] = TENANTS) -> list[dict[s
     ]
 
 
+def seed_notes(
+    pg: PostgresCluster,
+    table_name: str,
+    roles: Sequence[str],
+    who: str,
+    tenants: Sequence[str] = TENANTS,
+) -> None:
+    """Create ``table_name`` under FORCE ROW LEVEL SECURITY (rows whose tenant is ``who``, an
+    SQL expression), readable by ``roles``, with ``NOTES_PER_TENANT`` notes per tenant."""
+    grants = "".join(f"GRANT SELECT ON {table_name} TO {role};" for role in roles)
+    pg.execute_sync(
+        f"""
+        CREATE TABLE {table_name} (id int PRIMARY KEY, tenant text NOT NULL, body text);
+        ALTER TABLE {table_name} ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE {table_name} FORCE ROW LEVEL SECURITY;
+        CREATE POLICY by_tenant ON {table_name} USING (tenant = {who});
+        {grants}
+        INSERT INTO {table_name}
+            SELECT n, 'tenant' || ((n - 1) / {NOTES_PER_TENANT}),
+                   'note ' || n || ' of tenant' || ((n - 1) / {NOTES_PER_TENANT})
+            FROM generate_series(1, {len(tenants) * NOTES_PER_TENANT}) AS n;
+        """
+    )
+
+
+def wrk_script(folder: str, tenants: Sequence[str] = TENANTS) -> Path | None:
+    """The wrk script rotating ``tenants``, written in ``folder``; None without wrk."""
+    if not shutil.which("wrk"):
+        return None
+    script = Path(folder) / "rotate.lua"
+    script.write_text(WRK_SCRIPT % ", ".join(f'"{t}"' for t in tenants))
+    return script
+
+
 @contextlib.contextmanager
 def rls_table(ctx: Context) -> Iterator[tuple[str, str]]:
     """A shared notes table under FORCE ROW LEVEL SECURITY; yields it and the app role's DSN."""
@@ -108,20 +142,7 @@ def rls_table(ctx: Context) -> Iterator[tuple[str, str]]:
     )
     pg.create_role_sync(role, password=password)
     try:
-        pg.execute_sync(
-            f"""
-            CREATE TABLE {table_name} (id int PRIMARY KEY, tenant text NOT NULL, body text);
-            ALTER TABLE {table_name} ENABLE ROW LEVEL SECURITY;
-            ALTER TABLE {table_name} FORCE ROW LEVEL SECURITY;
-            CREATE POLICY by_tenant ON {table_name}
-                USING (tenant = current_setting('app.tenant_id', true));
-            GRANT SELECT ON {table_name} TO {role};
-            INSERT INTO {table_name}
-                SELECT n, 'tenant' || ((n - 1) / {NOTES_PER_TENANT}),
-                       'note ' || n || ' of tenant' || ((n - 1) / {NOTES_PER_TENANT})
-                FROM generate_series(1, {len(TENANTS) * NOTES_PER_TENANT}) AS n;
-            """
-        )
+        seed_notes(pg, table_name, [role], "current_setting('app.tenant_id', true)")
         yield table_name, pg.dsn(user=role, password=password)
     finally:
         pg.execute_sync(f"DROP TABLE IF EXISTS {table_name}")
@@ -216,12 +237,8 @@ async def load(url: str, seconds: int, script: Path | None) -> dict[str, Any]:
 
 def run(ctx: Context) -> Report:
     seconds, warmup = ctx.pick(3, 5), ctx.pick(1, 2)
-    wrk = shutil.which("wrk")
     with tempfile.TemporaryDirectory() as tmp, rls_table(ctx) as (notes_table, dsn):
-        script = None
-        if wrk:
-            script = Path(tmp) / "rotate.lua"
-            script.write_text(WRK_SCRIPT % ", ".join(f'"{t}"' for t in TENANTS))
+        script = wrk_script(tmp)
         env = {
             **os.environ,
             "BENCH_HTTP_DSN": dsn,
@@ -262,7 +279,7 @@ def run(ctx: Context) -> Report:
          f"{ratio(s['rps'], base):.2f}x"]
         for name, s in summary.items()
     ]  # fmt: skip
-    generator = "wrk, 1 thread" if wrk else "httpx.AsyncClient in a second process"
+    generator = "wrk, 1 thread" if script else "httpx.AsyncClient in a second process"
     notes = [
         f"`GET /notes` (a tenant's {NOTES_PER_TENANT} rows of a shared table under FORCE ROW"
         f" LEVEL SECURITY) over {len(TENANTS)} tenants rotated per request; load generator:"
@@ -271,7 +288,7 @@ def run(ctx: Context) -> Report:
         f" {POOL_SIZE} connections. Req/s, p50 and p99 are medians over rounds; errors are"
         " responses >= 400 and socket errors summed over rounds.",
     ]
-    if not wrk:
+    if script is None:
         notes.append(
             "Without wrk the generator is an httpx client, slower than either server: it may"
             " bound both contenders alike, pulling the ratio towards 1."
@@ -296,7 +313,7 @@ def run(ctx: Context) -> Report:
             ),
         ],
         data={
-            "generator": "wrk" if wrk else "httpx",
+            "generator": "wrk" if script else "httpx",
             "connections": CONNECTIONS,
             "pool_size": POOL_SIZE,
             "tenants": len(TENANTS),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from functools import partial
@@ -39,11 +38,12 @@ from .http import (
     CONNECTIONS,
     NOTES_PER_TENANT,
     UVICORN,
-    WRK_SCRIPT,
     check_rows,
     load,
     plot,
+    seed_notes,
     server,
+    wrk_script,
 )
 
 TITLE = "10. SQLAlchemy: an ORM select in FastAPI, plain SQLAlchemy vs. tenantpool's TenantSession"
@@ -87,20 +87,7 @@ def setup(ctx: Context, names: list[str]) -> Iterator[tuple[str, dict[str, tuple
     for role in roles.values():
         pg.create_role_sync(role, password="bench-pw")
     try:
-        grants = "".join(f"GRANT SELECT ON {table_name} TO {role};" for role in roles.values())
-        pg.execute_sync(
-            f"""
-            CREATE TABLE {table_name} (id int PRIMARY KEY, tenant text NOT NULL, body text);
-            ALTER TABLE {table_name} ENABLE ROW LEVEL SECURITY;
-            ALTER TABLE {table_name} FORCE ROW LEVEL SECURITY;
-            CREATE POLICY by_tenant ON {table_name} USING (tenant = {WHO});
-            {grants}
-            INSERT INTO {table_name}
-                SELECT n, 'tenant' || ((n - 1) / {NOTES_PER_TENANT}),
-                       'note ' || n || ' of tenant' || ((n - 1) / {NOTES_PER_TENANT})
-                FROM generate_series(1, {len(TENANTS) * NOTES_PER_TENANT}) AS n;
-            """
-        )
+        seed_notes(pg, table_name, list(roles.values()), WHO, TENANTS)
         yield (
             table_name,
             {name: (role, pg.dsn(user=role, password="bench-pw")) for name, role in roles.items()},
@@ -148,12 +135,8 @@ def run(ctx: Context) -> Report:
     seconds, warmup = ctx.pick(3, 5), ctx.pick(1, 2)
     skipped = tenancy_unavailable()
     apps = {name: app for name, app in APPS.items() if not (skipped and name == TENANCY)}
-    wrk = shutil.which("wrk")
     with tempfile.TemporaryDirectory() as tmp, setup(ctx, list(apps)) as (notes, logins):
-        script = None
-        if wrk:
-            script = Path(tmp) / "rotate.lua"
-            script.write_text(WRK_SCRIPT % ", ".join(f'"{t}"' for t in TENANTS))
+        script = wrk_script(tmp, TENANTS)
         base_env = {
             **os.environ,
             "BENCH_SA_TABLE": notes,
@@ -207,7 +190,7 @@ def run(ctx: Context) -> Report:
          s["opened"], s["errors"], f"{ratio(s['rps'], base):.2f}x", f"{s['paired']:.2f}x"]
         for name, s in summary.items()
     ]  # fmt: skip
-    generator = "wrk, 1 thread" if wrk else "httpx.AsyncClient in a second process"
+    generator = "wrk, 1 thread" if script else "httpx.AsyncClient in a second process"
     notes_text = [
         f"`GET /notes`: an ORM `select` of a tenant's {NOTES_PER_TENANT} rows of a shared table"
         f" under FORCE ROW LEVEL SECURITY, {len(TENANTS)} tenants rotated per request; load"
@@ -222,7 +205,7 @@ def run(ctx: Context) -> Report:
     ]
     if skipped:
         notes_text.append(f"fastapi-tenancy left out: {skipped}.")
-    if not wrk:
+    if script is None:
         notes_text.append(
             "Without wrk the generator is an httpx client that rotates only the first 8"
             " tenants, and is slower than the servers: it may pull the ratios towards 1."
@@ -262,7 +245,7 @@ def run(ctx: Context) -> Report:
             ),
         ],
         data={
-            "generator": "wrk" if wrk else "httpx",
+            "generator": "wrk" if script else "httpx",
             "connections": CONNECTIONS,
             "pool_size": POOL_SIZE,
             "tenants": len(TENANTS),
