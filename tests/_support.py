@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import asyncpg
@@ -151,3 +152,32 @@ async def server_connections(pg: PostgresCluster, user: str) -> int:
             user,
         )
     )
+
+
+async def cancellation_storm(
+    manager: TenantPoolManager,
+    tenants: Sequence[str],
+    check: Callable[[asyncpg.Connection, str], Awaitable[None]],
+    *,
+    seed: int,
+    workers: int = 300,
+) -> None:
+    """``workers`` checkouts, each taking an advisory lock in a transaction and checking its
+    tenant's state with ``check``, each cancelled at a random point within 10 ms."""
+    rng = random.Random(seed)
+
+    async def worker(i: int) -> None:
+        tenant = tenants[i % len(tenants)]
+        async with manager.with_connection(tenant) as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", i % 5)
+                await check(conn, tenant)
+            await conn.fetchval("SELECT pg_sleep(0.001)")
+
+    async def cancel_soon(i: int) -> None:
+        with anyio.move_on_after(rng.uniform(0, 0.01)):
+            await worker(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(workers):
+            tg.start_soon(cancel_soon, i)

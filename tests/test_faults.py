@@ -83,6 +83,13 @@ async def recovered(manager: TenantPoolManager, limit: float = 30.0) -> int:
     return failures
 
 
+async def heal(proxy: FaultProxy, manager: TenantPoolManager) -> None:
+    """Let the link pass again; wait until every tenant is served and nothing is in use."""
+    await proxy.set_mode("pass")
+    await recovered(manager)
+    await drained(manager)
+
+
 @pytest.fixture
 async def proxy(pg: PostgresCluster, login_dsn: str) -> AsyncIterator[FaultProxy]:
     async with FaultProxy(login_dsn) as proxy:
@@ -119,9 +126,7 @@ async def test_a_black_holed_link_costs_a_timeout_never_a_hang(
                     await conn.fetchval("SELECT 1", timeout=0.5)
             await drained(manager, limit=30)
         assert manager.stats().in_use == 0
-        await proxy.set_mode("pass")
-        await recovered(manager)
-        await drained(manager)
+        await heal(proxy, manager)
 
 
 @pytest.mark.parametrize("state_scope", STATE_SCOPES)
@@ -150,9 +155,7 @@ async def test_a_checkout_waiting_behind_a_black_holed_holder_times_out_and_noth
                     async with manager.with_connection("globex"):
                         pass
         assert len(errors) == 1
-        await proxy.set_mode("pass")
-        await recovered(manager)
-        await drained(manager)
+        await heal(proxy, manager)
 
 
 @pytest.mark.parametrize("state_scope", STATE_SCOPES)
@@ -184,9 +187,7 @@ async def test_a_reset_mid_query_is_a_catchable_error_and_the_pool_recovers(
         assert len(errors) == 1, errors
         assert proxy.resets >= 1
         await drained(manager)
-        await proxy.set_mode("pass")
-        await recovered(manager)
-        await drained(manager)
+        await heal(proxy, manager)
 
 
 @pytest.mark.parametrize("state_scope", STATE_SCOPES)
@@ -225,9 +226,7 @@ async def test_refused_connects_back_off_with_tenant_unavailable_then_recover(
                 await own_state(manager, "acme")
             assert manager.stats().connect_errors == errors_before
         assert manager.stats().in_use == 0
-        await proxy.set_mode("pass")
-        await recovered(manager)
-        await drained(manager)
+        await heal(proxy, manager)
 
 
 # --------------------------------------------------------------------------- server side

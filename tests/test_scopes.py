@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 
 import anyio
 import asyncpg
 import pytest
 from _postgres import PostgresCluster
-from _support import drained
+from _support import cancellation_storm, drained
 
 from tenantpool import (
     ConnectionReleased,
@@ -228,23 +227,11 @@ async def test_cancelled_mid_query_leaves_nothing_checked_out(pg: PostgresCluste
 async def test_cancellation_at_random_points_never_leaks(pg: PostgresCluster) -> None:
     settings = PoolSettings(max_size=3, acquire_timeout=10)
     async with TenantPoolManager(rls_targets(pg.dsn()), pool=settings) as manager:
-        rng = random.Random(1234)
 
-        async def worker(i: int) -> None:
-            tenant = TENANTS[i % len(TENANTS)]
-            async with manager.with_connection(tenant) as conn:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", i % 5)
-                    assert await tenant_of(conn) == tenant
-                await conn.fetchval("SELECT pg_sleep(0.001)")
+        async def check(conn: asyncpg.Connection, tenant: str) -> None:
+            assert await tenant_of(conn) == tenant
 
-        async def cancel_soon(i: int) -> None:
-            with anyio.move_on_after(rng.uniform(0, 0.01)):
-                await worker(i)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(300):
-                tg.start_soon(cancel_soon, i)
+        await cancellation_storm(manager, TENANTS, check, seed=1234)
         await drained(manager)
         stats = manager.stats()
         assert stats.total == stats.idle <= 3

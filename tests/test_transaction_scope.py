@@ -4,14 +4,13 @@ tenant's state, and tenantpool leaves nothing on the server session."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 
 import anyio
 import asyncpg
 import pytest
 from _postgres import PostgresCluster, quote_ident
-from _support import drained
+from _support import cancellation_storm, drained
 from _tenancy import Tenancy, observed
 
 from tenantpool import (
@@ -280,24 +279,12 @@ async def test_cancellation_at_random_points_leaves_no_transaction_open(
     pg: PostgresCluster, world: Tenancy
 ) -> None:
     pool = PoolSettings(max_size=3, acquire_timeout=10, state_scope="transaction")
-    rng = random.Random(4321)
     async with TenantPoolManager(targets(pg, world), pool=pool) as manager:
 
-        async def worker(i: int) -> None:
-            tenant = world.tenants[i % len(world.tenants)]
-            async with manager.with_connection(tenant) as conn:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", i % 5)
-                    assert observed(await conn.fetchrow(world.check_sql)) == world.expected(tenant)
-                await conn.fetchval("SELECT pg_sleep(0.001)")
+        async def check(conn: asyncpg.Connection, tenant: str) -> None:
+            assert observed(await conn.fetchrow(world.check_sql)) == world.expected(tenant)
 
-        async def cancel_soon(i: int) -> None:
-            with anyio.move_on_after(rng.uniform(0, 0.01)):
-                await worker(i)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(300):
-                tg.start_soon(cancel_soon, i)
+        await cancellation_storm(manager, world.tenants, check, seed=4321)
         await drained(manager)
         stats = manager.stats()
         assert stats.in_use == 0 and stats.total == stats.idle <= 3
